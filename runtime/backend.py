@@ -1,0 +1,110 @@
+"""The one door from the runtime to the kernels: arrays in, arrays out.
+
+Model code calls only these methods, so a layer runs unchanged on the Numba CPU kernels or on
+the torch ones. Kernel packages are imported here and nowhere else in the runtime.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import numpy as np
+
+from llmapp.runtime.batch import ForwardBatch
+
+
+class Backend(Protocol):
+    name: str
+
+    def pack(self, raw: np.ndarray, ggml_type: int, row_len: int) -> Any: ...
+    def matmul(self, x: np.ndarray, w: Any) -> np.ndarray: ...
+    def embed(
+        self, raw: np.ndarray, ggml_type: int, row_len: int, ids: np.ndarray
+    ) -> np.ndarray: ...
+    def rms_norm(self, x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray: ...
+    def head_rms_norm(self, x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray: ...
+    def rope(
+        self, x: np.ndarray, positions: np.ndarray, base: float, n_rot: int, neox: bool
+    ) -> None: ...
+    def swiglu(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray: ...
+    def gelu_tanh_mul(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray: ...
+    def alloc_kv(self, num_blocks: int, block_size: int, n_kv: int, head_dim: int) -> Any: ...
+    def write_kv(self, kv: Any, k: np.ndarray, v: np.ndarray, slots: np.ndarray) -> None: ...
+    def attention(
+        self, q: np.ndarray, kv: Any, batch: ForwardBatch, scale: float, window: int
+    ) -> np.ndarray: ...
+
+
+class CPUBackend:
+    """Numba kernels on the CPU, threads capped at the cores we may use."""
+
+    name = "cpu"
+
+    def __init__(self, n_threads: int | None = None) -> None:
+        from llmapp.kernels_cpu import threads
+
+        threads.set_num_threads(n_threads)
+        from llmapp.kernels_cpu import attention, matmul, ops, quants
+
+        self._attention = attention
+        self._matmul = matmul
+        self._ops = ops
+        self._quants = quants
+
+    def pack(self, raw: np.ndarray, ggml_type: int, row_len: int) -> Any:
+        return self._matmul.pack_weight(raw, ggml_type, row_len)
+
+    def matmul(self, x: np.ndarray, w: Any) -> np.ndarray:
+        return self._matmul.matmul(x, w)
+
+    def embed(self, raw: np.ndarray, ggml_type: int, row_len: int, ids: np.ndarray) -> np.ndarray:
+        return self._quants.dequantize_rows(raw, ggml_type, row_len, ids.astype(np.int64))
+
+    def rms_norm(self, x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+        return self._ops.rms_norm(x, w, eps)
+
+    def head_rms_norm(self, x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+        t, h, d = x.shape
+        return self._ops.rms_norm(x.reshape(t * h, d), w, eps).reshape(t, h, d)
+
+    def rope(
+        self, x: np.ndarray, positions: np.ndarray, base: float, n_rot: int, neox: bool
+    ) -> None:
+        self._ops.rope(x, positions, base, n_rot, neox)
+
+    def swiglu(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+        return self._ops.swiglu(gate, up)
+
+    def gelu_tanh_mul(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+        return self._ops.gelu_tanh_mul(gate, up)
+
+    def alloc_kv(self, num_blocks: int, block_size: int, n_kv: int, head_dim: int) -> Any:
+        shape = (num_blocks, block_size, n_kv, head_dim)
+        return (np.zeros(shape, dtype=np.float32), np.zeros(shape, dtype=np.float32))
+
+    def write_kv(self, kv: Any, k: np.ndarray, v: np.ndarray, slots: np.ndarray) -> None:
+        self._attention.write_kv(kv[0], kv[1], k, v, slots)
+
+    def attention(
+        self, q: np.ndarray, kv: Any, batch: ForwardBatch, scale: float, window: int
+    ) -> np.ndarray:
+        out = np.empty_like(q)
+        self._attention.paged_attention(
+            q,
+            kv[0],
+            kv[1],
+            batch.block_tables,
+            batch.seq_lens,
+            batch.query_start_loc,
+            batch.positions,
+            scale,
+            window,
+            out,
+        )
+        return out
+
+
+def make_backend(kind: str = "cpu", n_threads: int | None = None) -> Backend:
+    if kind == "cpu":
+        return CPUBackend(n_threads)
+    raise ValueError(f"unknown backend '{kind}'")

@@ -1,0 +1,82 @@
+"""Model weights as the backend wants them: matrices packed once, vectors as float32.
+
+The token embedding stays as the file's quantized rows (a lookup dequantizes only the rows a
+step needs); every other matrix is packed once into the backend's layout at load.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from llmapp.runtime.backend import Backend
+from llmapp.runtime.config import ModelConfig
+from llmapp.runtime.errors import GGUFError
+from llmapp.runtime.ggml_types import GGMLType
+from llmapp.runtime.gguf_file import GGUFFile
+
+
+@dataclass(frozen=True)
+class RawRows:
+    """Quantized rows straight from the file (read-only view of the memory map)."""
+
+    data: np.ndarray  # uint8 [n_rows, row_bytes]
+    ggml_type: int
+    row_len: int
+
+
+@dataclass
+class Weights:
+    token_embd: RawRows
+    output_norm: np.ndarray  # float32 [n_embd]
+    output: Any  # packed [n_vocab, n_embd]
+    layers: list[dict[str, Any]] = field(default_factory=list)
+
+
+def read_vector(gguf: GGUFFile, name: str) -> np.ndarray:
+    info = gguf.tensors[name]
+    raw = gguf.tensor_data(name).reshape(-1)
+    if info.ggml_type == GGMLType.F32:
+        return np.array(raw.view(np.float32))
+    if info.ggml_type == GGMLType.F16:
+        return raw.view(np.float16).astype(np.float32)
+    raise GGUFError(gguf.path, f"tensor '{name}' is 1-D but stored as type {info.ggml_type}")
+
+
+def raw_rows(gguf: GGUFFile, name: str) -> RawRows:
+    info = gguf.tensors[name]
+    return RawRows(gguf.tensor_data(name), info.ggml_type, info.row_len)
+
+
+def pack_matrix(gguf: GGUFFile, name: str, backend: Backend) -> Any:
+    rows = raw_rows(gguf, name)
+    return backend.pack(rows.data, rows.ggml_type, rows.row_len)
+
+
+def load_weights(gguf: GGUFFile, cfg: ModelConfig, backend: Backend) -> Weights:
+    """Read every tensor the architecture uses: blk.N.* into per-layer dicts by short name.
+
+    Per layer, 'attn_q' is the attn_q.weight matrix, 'attn_q.bias' its bias, 'attn_norm' the
+    norm vector: 2-D tensors are packed, 1-D ones become float32 vectors.
+    """
+    head = "token_embd.weight" if cfg.tied_embeddings else "output.weight"
+    weights = Weights(
+        token_embd=raw_rows(gguf, "token_embd.weight"),
+        output_norm=read_vector(gguf, "output_norm.weight"),
+        output=pack_matrix(gguf, head, backend),
+    )
+    for il in range(cfg.n_layer):
+        prefix = f"blk.{il}."
+        layer: dict[str, Any] = {}
+        for name, info in gguf.tensors.items():
+            if not name.startswith(prefix):
+                continue
+            short = name[len(prefix) :].removesuffix(".weight")
+            if len(info.shape) == 1:
+                layer[short] = read_vector(gguf, name)
+            else:
+                layer[short] = pack_matrix(gguf, name, backend)
+        weights.layers.append(layer)
+    return weights
