@@ -12,9 +12,9 @@ from llmapp.runtime.errors import LlmappError
 
 def _command_modules() -> list[ModuleType]:
     # Each verb module exposes add_parser(subparsers) and run(args) -> int.
-    from llmapp.app.commands import store_cmds
+    from llmapp.app.commands import run_cmds, store_cmds
 
-    return [store_cmds]
+    return [store_cmds, run_cmds]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -66,27 +66,38 @@ def _row_bf16(src: np.ndarray, out: np.ndarray) -> None:
 
 # ----------------------------------------------------------------------------------------------
 # 32-element blocks: element e < 16 is the low nibble of qs[e], e >= 16 the high nibble of qs[e-16]
+#
+# Inner loops run to `_span(k, room)` (always k on whole rows) rather than a literal k: a loop of
+# constant length is fully unrolled into scalar code, one of runtime length gets vectorized
+# (2-4x faster here).
+
+
+@njit(cache=True)
+def _span(k: int, room: int) -> int:
+    return min(k, room)
 
 
 @njit(cache=True)
 def _row_q4_0(src: np.ndarray, out: np.ndarray) -> None:
-    for b in range(out.shape[0] // 32):
+    n = out.shape[0]
+    for b in range(n // 32):
         s, o = 18 * b, 32 * b
         d = read_f16(src, s)
-        for l in range(16):
-            q = src[s + 2 + l]
-            out[o + l] = d * np.float32(np.int32(q & 15) - 8)
-            out[o + l + 16] = d * np.float32(np.int32(q >> 4) - 8)
+        for l in range(_span(16, n - o)):
+            q = np.int32(src[s + 2 + l])
+            out[o + l] = d * np.float32((q & 15) - 8)
+            out[o + l + 16] = d * np.float32((q >> 4) - 8)
 
 
 @njit(cache=True)
 def _row_q4_1(src: np.ndarray, out: np.ndarray) -> None:
-    for b in range(out.shape[0] // 32):
+    n = out.shape[0]
+    for b in range(n // 32):
         s, o = 20 * b, 32 * b
         d = read_f16(src, s)
         m = read_f16(src, s + 2)
-        for l in range(16):
-            q = src[s + 4 + l]
+        for l in range(_span(16, n - o)):
+            q = np.int32(src[s + 4 + l])
             out[o + l] = d * np.float32(q & 15) + m
             out[o + l + 16] = d * np.float32(q >> 4) + m
 
@@ -103,73 +114,79 @@ def _read_u32(src: np.ndarray, s: int) -> np.uint32:
 
 @njit(cache=True)
 def _row_q5_0(src: np.ndarray, out: np.ndarray) -> None:
-    for b in range(out.shape[0] // 32):
+    n = out.shape[0]
+    for b in range(n // 32):
         s, o = 22 * b, 32 * b
         d = read_f16(src, s)
-        qh = _read_u32(src, s + 2)
-        for l in range(16):
+        qh = np.int64(_read_u32(src, s + 2))
+        for l in range(_span(16, n - o)):
             q = np.int32(src[s + 6 + l])
-            lo = (q & 15) | np.int32(((qh >> np.uint32(l)) & np.uint32(1)) << np.uint32(4))
-            hi = (q >> 4) | np.int32(((qh >> np.uint32(l + 16)) & np.uint32(1)) << np.uint32(4))
+            lo = (q & 15) | np.int32(((qh >> l) & 1) << 4)
+            hi = (q >> 4) | np.int32(((qh >> (l + 16)) & 1) << 4)
             out[o + l] = d * np.float32(lo - 16)
             out[o + l + 16] = d * np.float32(hi - 16)
 
 
 @njit(cache=True)
 def _row_q5_1(src: np.ndarray, out: np.ndarray) -> None:
-    for b in range(out.shape[0] // 32):
+    n = out.shape[0]
+    for b in range(n // 32):
         s, o = 24 * b, 32 * b
         d = read_f16(src, s)
         m = read_f16(src, s + 2)
-        qh = _read_u32(src, s + 4)
-        for l in range(16):
+        qh = np.int64(_read_u32(src, s + 4))
+        for l in range(_span(16, n - o)):
             q = np.int32(src[s + 8 + l])
-            lo = (q & 15) | np.int32(((qh >> np.uint32(l)) & np.uint32(1)) << np.uint32(4))
-            hi = (q >> 4) | np.int32(((qh >> np.uint32(l + 16)) & np.uint32(1)) << np.uint32(4))
+            lo = (q & 15) | np.int32(((qh >> l) & 1) << 4)
+            hi = (q >> 4) | np.int32(((qh >> (l + 16)) & 1) << 4)
             out[o + l] = d * np.float32(lo) + m
             out[o + l + 16] = d * np.float32(hi) + m
 
 
 @njit(cache=True)
 def _row_q8_0(src: np.ndarray, out: np.ndarray) -> None:
-    for b in range(out.shape[0] // 32):
+    n = out.shape[0]
+    for b in range(n // 32):
         s, o = 34 * b, 32 * b
         d = read_f16(src, s)
-        for l in range(32):
+        for l in range(_span(32, n - o)):
             out[o + l] = np.float32(np.int8(src[s + 2 + l])) * d
 
 
 @njit(cache=True)
 def _row_iq4_nl(src: np.ndarray, out: np.ndarray) -> None:
-    for b in range(out.shape[0] // 32):
+    n = out.shape[0]
+    for b in range(n // 32):
         s, o = 18 * b, 32 * b
         d = read_f16(src, s)
-        for l in range(16):
-            q = src[s + 2 + l]
+        for l in range(_span(16, n - o)):
+            q = np.int32(src[s + 2 + l])
             out[o + l] = d * np.float32(_IQ4_NL_VALUES[q & 15])
             out[o + l + 16] = d * np.float32(_IQ4_NL_VALUES[q >> 4])
 
 
 # ----------------------------------------------------------------------------------------------
-# 256-element super-blocks
+# 256-element super-blocks. Sub-block k of 16 elements (Q2_K, Q3_K, Q6_K) lies in half h = k // 8,
+# 32-group j = (k % 8) // 2 of that half, lanes l0 = 16 * (k % 2) .. l0 + 15.
 
 
 @njit(cache=True)
 def _row_q2_k(src: np.ndarray, out: np.ndarray) -> None:
     # Layout: scales[16] (low nibble scale, high nibble min), qs[64], d, dmin.
-    for b in range(out.shape[0] // QK_K):
+    n = out.shape[0]
+    for b in range(n // QK_K):
         s, o = 84 * b, QK_K * b
         d = read_f16(src, s + 80)
         dmin = read_f16(src, s + 82)
-        for k in range(16):  # 16-element sub-block k = 8h + 2j + (l >= 16)
-            sc = src[s + k]
+        for k in range(16):
+            sc = np.int32(src[s + k])
             dl = d * np.float32(sc & 15)
             ml = dmin * np.float32(sc >> 4)
             h, j, l0 = k // 8, (k % 8) // 2, 16 * (k % 2)
-            qs = s + 16 + 32 * h + l0
-            for l in range(16):
-                q = (src[qs + l] >> (2 * j)) & 3
-                out[o + 16 * k + l] = dl * np.float32(q) - ml
+            qs, ok = s + 16 + 32 * h + l0, o + 16 * k
+            for l in range(_span(16, n - ok)):
+                q = (np.int32(src[qs + l]) >> (2 * j)) & 3
+                out[ok + l] = dl * np.float32(q) - ml
 
 
 @njit(cache=True)
@@ -183,18 +200,19 @@ def _q3_k_scale(src: np.ndarray, s: int, i: int) -> np.int32:
 @njit(cache=True)
 def _row_q3_k(src: np.ndarray, out: np.ndarray) -> None:
     # Layout: hmask[32], qs[64], scales[12], d. A set hmask bit means no -4 offset.
-    for b in range(out.shape[0] // QK_K):
+    n = out.shape[0]
+    for b in range(n // QK_K):
         s, o = 110 * b, QK_K * b
         d = read_f16(src, s + 108)
         for k in range(16):
             dl = d * np.float32(_q3_k_scale(src, s + 96, k))
             h, j, l0 = k // 8, (k % 8) // 2, 16 * (k % 2)
-            shift = 4 * h + j  # = e // 32
-            for l in range(l0, l0 + 16):
-                low = np.int32((src[s + 32 + 32 * h + l] >> (2 * j)) & 3)
-                hbit = (src[s + l] >> shift) & 1
-                q = low - (0 if hbit else 4)
-                out[o + 16 * k + l - l0] = dl * np.float32(q)
+            shift = 4 * h + j  # = e // 32, the hmask bit of this 32-group
+            qs, hm, ok = s + 32 + 32 * h + l0, s + l0, o + 16 * k
+            for l in range(_span(16, n - ok)):
+                low = (np.int32(src[qs + l]) >> (2 * j)) & 3
+                no_offset = (np.int32(src[hm + l]) >> shift) & 1
+                out[ok + l] = dl * np.float32(low - ((no_offset ^ 1) << 2))
 
 
 @njit(cache=True)
@@ -211,7 +229,8 @@ def _k_scale_min(src: np.ndarray, s: int, j: int) -> tuple[np.int32, np.int32]:
 def _row_q4_k(src: np.ndarray, out: np.ndarray) -> None:
     # Layout: d, dmin, scales[12], qs[128]; 32-element sub-block j uses qs[32*(j//2):][:32],
     # low nibbles for even j, high for odd j.
-    for b in range(out.shape[0] // QK_K):
+    n = out.shape[0]
+    for b in range(n // QK_K):
         s, o = 144 * b, QK_K * b
         d = read_f16(src, s)
         dmin = read_f16(src, s + 2)
@@ -219,17 +238,17 @@ def _row_q4_k(src: np.ndarray, out: np.ndarray) -> None:
             sc, m = _k_scale_min(src, s + 4, j)
             dl = d * np.float32(sc)
             ml = dmin * np.float32(m)
-            qs = s + 16 + 32 * (j // 2)
-            shift = 4 * (j % 2)
-            for l in range(32):
-                q = (src[qs + l] >> shift) & 15
-                out[o + 32 * j + l] = dl * np.float32(q) - ml
+            qs, shift, oj = s + 16 + 32 * (j // 2), 4 * (j % 2), o + 32 * j
+            for l in range(_span(32, n - oj)):
+                q = (np.int32(src[qs + l]) >> shift) & 15
+                out[oj + l] = dl * np.float32(q) - ml
 
 
 @njit(cache=True)
 def _row_q5_k(src: np.ndarray, out: np.ndarray) -> None:
     # Layout: d, dmin, scales[12], qh[32], qs[128]; bit j of qh[l] is bit 4 of sub-block j.
-    for b in range(out.shape[0] // QK_K):
+    n = out.shape[0]
+    for b in range(n // QK_K):
         s, o = 176 * b, QK_K * b
         d = read_f16(src, s)
         dmin = read_f16(src, s + 2)
@@ -237,30 +256,31 @@ def _row_q5_k(src: np.ndarray, out: np.ndarray) -> None:
             sc, m = _k_scale_min(src, s + 4, j)
             dl = d * np.float32(sc)
             ml = dmin * np.float32(m)
-            qs = s + 48 + 32 * (j // 2)
-            shift = 4 * (j % 2)
-            for l in range(32):
-                q = ((src[qs + l] >> shift) & 15) | (((src[s + 16 + l] >> j) & 1) << 4)
-                out[o + 32 * j + l] = dl * np.float32(q) - ml
+            qs, shift, oj = s + 48 + 32 * (j // 2), 4 * (j % 2), o + 32 * j
+            for l in range(_span(32, n - oj)):
+                low4 = (np.int32(src[qs + l]) >> shift) & 15
+                high = (np.int32(src[s + 16 + l]) >> j) & 1
+                out[oj + l] = dl * np.float32(low4 | (high << 4)) - ml
 
 
 @njit(cache=True)
 def _row_q6_k(src: np.ndarray, out: np.ndarray) -> None:
-    # Layout: ql[128], qh[64], scales:i8[16], d. Half h covers elements 128h..128h+127.
-    for b in range(out.shape[0] // QK_K):
+    # Layout: ql[128], qh[64], scales:i8[16], d. Group j of half h takes the low (j < 2) or high
+    # nibble of ql[64h + 32(j % 2) + l] and bits 2j..2j+1 of qh[32h + l].
+    n = out.shape[0]
+    for b in range(n // QK_K):
         s, o = 210 * b, QK_K * b
         d = read_f16(src, s + 208)
         for k in range(16):
             dl = d * np.float32(np.int8(src[s + 192 + k]))
-            h, g, l0 = k // 8, (k % 8) // 2, 16 * (k % 2)
-            ql = s + 64 * h + 32 * (g & 1)
-            nib_shift = 4 * (g // 2)
-            qh = s + 128 + 32 * h
-            for l in range(l0, l0 + 16):
-                low4 = (src[ql + l] >> nib_shift) & 15
-                hi2 = (src[qh + l] >> (2 * g)) & 3
-                q = np.int32(low4 | (hi2 << 4)) - 32
-                out[o + 16 * k + l - l0] = dl * np.float32(q)
+            h, j, l0 = k // 8, (k % 8) // 2, 16 * (k % 2)
+            ql = s + 64 * h + 32 * (j % 2) + l0
+            qh = s + 128 + 32 * h + l0
+            nib_shift, ok = 4 * (j // 2), o + 16 * k
+            for l in range(_span(16, n - ok)):
+                low4 = (np.int32(src[ql + l]) >> nib_shift) & 15
+                hi2 = (np.int32(src[qh + l]) >> (2 * j)) & 3
+                out[ok + l] = dl * np.float32((low4 | (hi2 << 4)) - 32)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -327,8 +327,7 @@ class Engine:
 
     def _accept_token(self, seq: Sequence, logits: np.ndarray, now: float) -> None:
         state: _RequestState = seq.payload
-        generated = seq.token_ids[seq.num_prompt_tokens :]
-        result = state.sampler.sample(logits, seq.token_ids, generated)
+        result = state.sampler.sample(logits, seq.token_ids, seq.num_prompt_tokens)
         token = int(result.token)
         seq.token_ids.append(token)
         if not state.first_token_at:
@@ -352,7 +351,9 @@ class Engine:
             state.stream._put(Delta(emit, (token,), logprob))
             return
         if not stopped:
-            emit += state.stops.flush_text(state.detok.flush())
+            tail, stopped = state.stops.feed(state.detok.flush())
+            emit += tail if stopped else tail + state.stops.flush()
+            reason = "stop" if stopped else reason
         state.stream._put(Delta(emit, (token,), logprob))
         self._finish(seq, reason)
 

@@ -445,9 +445,11 @@ class GGUFFile:
             raise GGUFError(self.path, f"duplicate tensor {_q(name)}")
         traits = TYPE_TRAITS.get(ggml_type)
         if traits is None:
-            raise GGUFError(
-                self.path, f"tensor {_q(name)} has unsupported type {type_name(ggml_type)}"
+            known = type_name(ggml_type) != f"type {ggml_type}"
+            kind = (
+                f"type {type_name(ggml_type)} (id {ggml_type})" if known else f"type id {ggml_type}"
             )
+            raise GGUFError(self.path, f"tensor {_q(name)} has unsupported tensor {kind}")
         if any(d == 0 for d in shape):
             raise GGUFError(self.path, f"tensor {_q(name)} has a zero dimension {list(shape)}")
         if shape[0] % traits.block_size:

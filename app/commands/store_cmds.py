@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections import Counter
 from pathlib import Path
 from typing import Any, TextIO
 
 from llmapp.runtime import store
-from llmapp.runtime.ggml_types import type_name
+from llmapp.runtime.config import load_config
+from llmapp.runtime.gguf_file import GGUFFile
 
 
 def add_parser(sub: Any) -> None:
@@ -91,7 +91,7 @@ def run_list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"models": [info.to_json() for info in infos]}, indent=2))
         return 0
-    rows = [("NAME", "SIZE", "QUANT", "STATUS", "PATH")]
+    rows: list[tuple[str, ...]] = [("NAME", "SIZE", "QUANT", "STATUS", "PATH")]
     for info in infos:
         status = "verified" if info.verified else "pulled" if info.pulled else "-"
         rows.append((info.name, _megabytes(info.size), info.quant, status, str(info.path)))
@@ -121,3 +121,112 @@ def _resolve_for_show(model: str) -> tuple[Path, store.CatalogEntry | None]:
     if entry is not None and not store.is_verified(entry):
         return _pull_with_progress(model), entry  # pulled on first use, as run does
     return store.resolve_model(model), entry
+
+
+_STOP_TOKEN_KEYS = (
+    ("eos", "tokenizer.ggml.eos_token_id"),
+    ("eot", "tokenizer.ggml.eot_token_id"),
+    ("eom", "tokenizer.ggml.eom_token_id"),
+)
+
+
+def _stop_tokens(gguf: GGUFFile) -> list[dict[str, Any]]:
+    """End-of-generation ids the metadata declares, with their text when the vocabulary has it."""
+    vocab = gguf.get("tokenizer.ggml.tokens")
+    found: list[dict[str, Any]] = []
+    for role, key in _STOP_TOKEN_KEYS:
+        token_id = gguf.get(key)
+        if type(token_id) is not int or any(t["id"] == token_id for t in found):
+            continue
+        text = vocab[token_id] if vocab is not None and 0 <= token_id < len(vocab) else None
+        found.append({"role": role, "id": token_id, "text": text})
+    return found
+
+
+def model_summary(path: Path, entry: store.CatalogEntry | None) -> dict[str, Any]:
+    """What `llmapp show` reports, as plain data (the --json output)."""
+    with GGUFFile(path) as gguf:
+        config = load_config(gguf)
+        n_params = sum(info.n_elements for info in gguf.tensors.values())
+        template = gguf.get("tokenizer.chat_template")
+        summary = {
+            "name": entry.name if entry else None,
+            "path": str(path),
+            "file_size": gguf.file_size,
+            "architecture": config.arch,
+            "model_name": config.name,
+            "parameters": n_params,
+            "quant": entry.quant if entry else None,
+            "file_type": config.file_type,
+            "context_length": config.context_length,
+            "embedding_length": config.n_embd,
+            "block_count": config.n_layer,
+            "head_count": config.n_head,
+            "head_count_kv": config.n_head_kv,
+            "head_dim": config.head_dim,
+            "feed_forward_length": config.n_ff,
+            "vocab_size": config.n_vocab,
+            "rope_type": config.rope_type,
+            "sliding_window": config.sliding_window,
+            "tensor_types": dict(config.tensor_types),
+            "chat_template": template if isinstance(template, str) else None,
+            "stop_tokens": _stop_tokens(gguf),
+        }
+    if entry is not None:
+        summary["chat_template_override"] = entry.chat_template
+        summary["stop"] = list(entry.stop)
+        summary["eog_tokens"] = list(entry.eog_tokens)
+    return summary
+
+
+def _count(n: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return str(n)
+
+
+def _template_preview(template: str | None, max_lines: int = 4) -> list[str]:
+    if not template:
+        return ["none"]
+    lines = template.strip().splitlines()
+    more = [f"... ({len(lines) - max_lines} more lines)"] if len(lines) > max_lines else []
+    return lines[:max_lines] + more
+
+
+def _print_summary(s: dict[str, Any]) -> None:
+    types = ", ".join(f"{name} {count}" for name, count in s["tensor_types"].items())
+    stops = ", ".join(f"{t['id']} {t['text']!r} ({t['role']})" for t in s["stop_tokens"])
+    rows = [
+        ("model", s["name"] or s["model_name"]),
+        ("path", s["path"]),
+        ("architecture", s["architecture"]),
+        ("parameters", f"{_count(s['parameters'])} ({s['parameters']})"),
+        ("quantization", s["quant"] or f"file type {s['file_type']}"),
+        ("context length", str(s["context_length"])),
+        ("embedding", str(s["embedding_length"])),
+        ("layers", str(s["block_count"])),
+        ("heads", f"{s['head_count']} (kv {s['head_count_kv']}, dim {s['head_dim']})"),
+        ("feed forward", str(s["feed_forward_length"])),
+        ("vocabulary", str(s["vocab_size"])),
+        ("tensor types", types),
+        ("stop tokens", stops or "none"),
+    ]
+    if s.get("stop"):
+        rows.append(("stop strings", ", ".join(repr(x) for x in s["stop"])))
+    for label, value in rows:
+        print(f"  {label:<15} {value}")
+    template = s["chat_template"] or s.get("chat_template_override")
+    print("  chat template")
+    for line in _template_preview(template):
+        print(f"    {line}")
+
+
+def run_show(args: argparse.Namespace) -> int:
+    path, entry = _resolve_for_show(args.model)
+    summary = model_summary(path, entry)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        _print_summary(summary)
+    return 0

@@ -1,0 +1,226 @@
+"""Verbs that run a model: run, perplexity, bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from llmapp.runtime.errors import LlmappError
+
+
+def _physical_cores() -> int:
+    return max(1, len(os.sched_getaffinity(0)))
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ctx-size", type=int, default=4096, help="KV cache size in tokens")
+    p.add_argument("--threads", type=int, default=None, help="compute threads (default: cores)")
+
+
+def add_sampling_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--min-p", type=float, default=0.05)
+    p.add_argument("--repeat-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("run", help="generate a reply to a prompt, streamed to stdout")
+    p.add_argument("model", help="catalog name or path to a .gguf file")
+    p.add_argument("prompt", nargs="?", default=None, help="prompt text, or - for stdin")
+    p.add_argument("--file", type=Path, default=None, help="read the prompt from a file")
+    p.add_argument("--system", default=None, help="system message (chat mode)")
+    p.add_argument("--raw", action="store_true", help="plain completion, no chat template")
+    p.add_argument("--json", action="store_true", help="print one JSON line after generation")
+    p.add_argument("--verbose", action="store_true", help="print speeds to stderr")
+    add_sampling_options(p)
+    add_model_options(p)
+    p.set_defaults(handler=cmd_run)
+
+    p = sub.add_parser("perplexity", help="perplexity of a text file (llama.cpp's method)")
+    p.add_argument("model")
+    p.add_argument("file", type=Path)
+    p.add_argument("--ctx", type=int, default=256)
+    p.add_argument("--chunks", type=int, default=-1)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(handler=cmd_perplexity)
+
+    p = sub.add_parser("bench", help="prefill and decode speed (like llama-bench)")
+    p.add_argument("model")
+    p.add_argument("-p", "--prompts", default="128,512", help="prompt lengths, comma separated")
+    p.add_argument("-n", "--n-gen", type=int, default=64)
+    p.add_argument("-r", "--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--peer", action="store_true", help="also measure llama.cpp (llama-cpp-python)")
+    p.set_defaults(handler=cmd_bench)
+
+
+def read_prompt(args: argparse.Namespace) -> str:
+    if args.file is not None:
+        try:
+            return args.file.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise LlmappError(f"cannot read prompt file {args.file}: {exc.strerror}") from exc
+    if args.prompt is None or args.prompt == "-":
+        return sys.stdin.read()
+    return str(args.prompt)
+
+
+def sampling_params(args: argparse.Namespace) -> Any:
+    from llmapp.runtime.sampling import SamplingParams
+
+    return SamplingParams(
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+        repeat_penalty=args.repeat_penalty, seed=args.seed, max_tokens=args.max_tokens,
+        stop=tuple(args.stop),
+    )
+
+
+def open_engine(model: str, ctx_size: int, threads: int | None) -> Any:
+    from llmapp.runtime.engine import Engine, EngineOptions
+    from llmapp.runtime.model_runner import RunnerOptions
+    from llmapp.runtime.store import resolve_model
+
+    path = resolve_model(model)
+    return Engine(path, EngineOptions(runner=RunnerOptions(ctx_size=ctx_size, n_threads=threads)))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    params = sampling_params(args)
+    text = read_prompt(args)
+    engine = open_engine(args.model, args.ctx_size, args.threads)
+    try:
+        prompt: Any = text
+        if not args.raw:
+            prompt = ([{"role": "system", "content": args.system}] if args.system else [])
+            prompt.append({"role": "user", "content": text})
+        stream = engine.submit(prompt, params)
+        pieces: list[str] = []
+        ids: list[int] = []
+        last = None
+        try:
+            for delta in stream:
+                pieces.append(delta.text)
+                ids.extend(delta.token_ids)
+                last = delta
+                if not args.json and delta.text:
+                    sys.stdout.write(delta.text)
+                    sys.stdout.flush()
+        except KeyboardInterrupt:
+            stream.abort()
+            print("", file=sys.stderr)
+            return 130
+        assert last is not None
+        if last.error:
+            raise LlmappError(last.error)
+        report(args, "".join(pieces), ids, last)
+    finally:
+        engine.shutdown()
+    return 0
+
+
+def report(args: argparse.Namespace, text: str, ids: list[int], last: Any) -> None:
+    prefill_tps, decode_tps = last.timings.tps(last.usage)
+    if args.json:
+        out = {
+            "text": text,
+            "token_ids": ids,
+            "prompt_tokens": last.usage.prompt_tokens,
+            "completion_tokens": last.usage.completion_tokens,
+            "finish_reason": last.finish_reason,
+            "timings": {
+                "prompt_ms": round(last.timings.prompt_ms, 3),
+                "decode_ms": round(last.timings.decode_ms, 3),
+                "prefill_tps": round(prefill_tps, 2),
+                "decode_tps": round(decode_tps, 2),
+            },
+        }
+        print(json.dumps(out, ensure_ascii=False))
+        return
+    print()
+    if args.verbose:
+        print(
+            f"prompt {last.usage.prompt_tokens} tokens, {prefill_tps:.1f} t/s; "
+            f"generated {last.usage.completion_tokens} tokens, {decode_tps:.1f} t/s",
+            file=sys.stderr,
+        )
+
+
+def cmd_perplexity(args: argparse.Namespace) -> int:
+    from llmapp.runtime.model_runner import ModelRunner, RunnerOptions
+    from llmapp.runtime.perplexity import perplexity
+    from llmapp.runtime.store import resolve_model
+    from llmapp.runtime.tokenizer import Tokenizer
+
+    try:
+        text = args.file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LlmappError(f"cannot read {args.file}: {exc}") from exc
+    runner = ModelRunner(
+        resolve_model(args.model), RunnerOptions(ctx_size=max(args.ctx, 16), n_threads=args.threads)
+    )
+    result = perplexity(runner, Tokenizer.from_gguf(runner.gguf), text, args.ctx, args.chunks)
+    if args.json:
+        print(json.dumps({"ppl": result.ppl, "tokens": result.tokens, "chunks": result.chunks}))
+    else:
+        print(f"perplexity: {result.ppl:.4f} ({result.chunks} chunks of {args.ctx}, {result.tokens} tokens)")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from llmapp.runtime.bench import OurBench, PeerBench, run_bench
+    from llmapp.runtime.model_runner import ModelRunner, RunnerOptions
+    from llmapp.runtime.store import resolve_model
+
+    try:
+        prompts = [int(p) for p in args.prompts.split(",") if p]
+    except ValueError as exc:
+        raise LlmappError(f"-p takes comma-separated integers, got {args.prompts!r}") from exc
+    threads = args.threads or _physical_cores()
+    path = resolve_model(args.model)
+    ctx = max(prompts + [128 + args.n_gen]) + 16
+    runner = ModelRunner(path, RunnerOptions(ctx_size=ctx, n_threads=threads))
+    ours = run_bench(OurBench(runner), prompts, args.n_gen, args.repeats)
+    out: dict[str, Any] = {"model": args.model, "threads": threads, **ours.as_dict()}
+    if args.peer:
+        try:
+            peer_bench = PeerBench(path, threads, ctx)
+        except ImportError as exc:
+            raise LlmappError("--peer needs llama-cpp-python (pip install llama-cpp-python)") from exc
+        peer = run_bench(peer_bench, prompts, args.n_gen, args.repeats)
+        out["peer"] = {"name": "llama.cpp", **peer.as_dict(), "ratios": ratios(ours, peer)}
+    print_bench(out, args.json)
+    return 0
+
+
+def ratios(ours: Any, peer: Any) -> dict[str, Any]:
+    pre = {k: round(v / peer.prefill_tps[k], 3) for k, v in ours.prefill_tps.items() if peer.prefill_tps.get(k)}
+    dec = round(ours.decode_tps / peer.decode_tps, 3) if peer.decode_tps else None
+    return {"prefill": pre, "decode": dec}
+
+
+def print_bench(out: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(out))
+        return
+    print(f"model {out['model']}, {out['threads']} threads")
+    peer = out.get("peer")
+    for k, v in out["prefill_tps"].items():
+        line = f"  prefill {k:>5} tokens: {v:8.1f} t/s"
+        if peer:
+            line += f"   llama.cpp {peer['prefill_tps'][k]:8.1f} t/s   ratio {peer['ratios']['prefill'].get(k)}"
+        print(line)
+    line = f"  decode            : {out['decode_tps']:8.1f} t/s"
+    if peer:
+        line += f"   llama.cpp {peer['decode_tps']:8.1f} t/s   ratio {peer['ratios']['decode']}"
+    print(line)
