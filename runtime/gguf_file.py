@@ -268,7 +268,11 @@ class _Cursor:
 
     def raw_string(self, what: str) -> bytes:
         n = self.u64(f"length of {what}")
-        self.need(n, what)
+        if n > self.size - self.pos:
+            raise self.fail(
+                f"length {n} of {what} at offset {self.pos - 8} is out of bounds "
+                f"(file is {self.size} bytes)"
+            )
         data = self.buf[self.pos : self.pos + n]
         self.pos += n
         return data
@@ -293,7 +297,7 @@ class _Cursor:
         try:
             for _ in range(count):
                 pos += 8 + unpack(buf, pos)[0]
-        except struct.error:
+        except (struct.error, OverflowError):  # a length ran past the end of the map
             pos = self.size + 1
         if pos > self.size:
             raise self.fail(f"truncated inside {what} (file is {self.size} bytes)")

