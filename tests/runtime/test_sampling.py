@@ -77,6 +77,8 @@ def test_defaults_are_llama_cpp_defaults() -> None:
         ({"seed": -1}, "seed"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"stop": ("ok", "")}, "stop"),
+        ({"stop": 5}, "stop"),
+        ({"logit_bias": [1, 2]}, "logit_bias"),
         ({"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
         ({"top_logprobs": 2}, "top_logprobs"),
         ({"ignore_eos": 1}, "ignore_eos"),
@@ -163,7 +165,7 @@ def test_sort_desc_orders_by_logit_then_id() -> None:
     assert c.ids.tolist() == [3, 5, 7]
 
 
-@pytest.mark.parametrize("k", [1, 40, 1000])
+@pytest.mark.parametrize("k", [1, 40, 1000, 5000])  # 5000: no subsample pool
 def test_top_k_on_full_vocab_matches_a_stable_sort(k: int) -> None:
     row = big_row()
     c = top_k(all_candidates(row), k)
@@ -177,7 +179,7 @@ def test_top_k_full_vocab_with_ties_and_a_spike() -> None:
         top_k(all_candidates(ties), 40).ids.tolist()
         == np.argsort(-ties, kind="stable")[:40].tolist()
     )
-    # one logit far above the rest: the margin pre-filter holds fewer than k, falls back
+    # one logit far above the rest
     spike = big_row(2)
     spike[77] = 100.0
     ref = np.argsort(-spike, kind="stable")[:40]
@@ -212,9 +214,11 @@ def _ref_top_p(row: np.ndarray, p: float) -> list[int]:
     return order[: int(np.searchsorted(cum, p)) + 1].tolist()
 
 
-@pytest.mark.parametrize(("scale", "p"), [(3.0, 0.9), (3.0, 0.5), (0.01, 0.5), (8.0, 0.95)])
+@pytest.mark.parametrize(
+    ("scale", "p"), [(3.0, 0.9), (3.0, 0.5), (0.01, 0.5), (5.0, 0.95), (8.0, 0.95)]
+)
 def test_top_p_on_full_vocab_matches_a_full_sort(scale: float, p: float) -> None:
-    # scale 3 and 0.01: the 256-token head cannot reach p and the whole row is counted
+    # scale 3 and 0.01 count over the whole row; 5 and 8 stop in the 2048- or 256-token head
     row = (np.random.default_rng(3).standard_normal(151936) * scale).astype(np.float32)
     got = top_p(all_candidates(row), p).ids
     ref = _ref_top_p(row, p)
