@@ -12,9 +12,9 @@ from llmapp.runtime.errors import LlmappError
 
 def _command_modules() -> list[ModuleType]:
     # Each verb module exposes add_parser(subparsers) and run(args) -> int.
-    from llmapp.app.commands import run_cmds, store_cmds
+    from llmapp.app.commands import quantize_cmd, run_cmds, store_cmds
 
-    return [store_cmds, run_cmds]
+    return [store_cmds, run_cmds, quantize_cmd]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -102,7 +102,7 @@ def _roundf_clamp(v: np.float32, lo: int, hi: int) -> int:
 
 
 @njit(cache=True)
-def _f16_bits(v: np.float32) -> int:
+def _f16_bits(v: np.float32) -> int | np.int64:
     """IEEE half bits of a float32, rounded to nearest even; saturating, NaN -> 0."""
     bits = np.int64(np.float32(v).view(np.uint32))
     sign = (bits >> 16) & 0x8000
@@ -545,7 +545,7 @@ def _block_q2_k(xb: np.ndarray, ob: np.ndarray, L: np.ndarray, work: np.ndarray)
 
 
 @njit(cache=True)
-def _q3_k_scale(sc: np.ndarray, j: int) -> int:
+def _q3_k_scale(sc: np.ndarray, j: int) -> np.int64:
     low4 = (np.int64(sc[j]) & 0xF) if j < 8 else (np.int64(sc[j - 8]) >> 4)
     high2 = (np.int64(sc[8 + j % 4]) >> (2 * (j // 4))) & 3
     return (low4 | (high2 << 4)) - 32
@@ -616,7 +616,7 @@ def _pack_k4_scales(sc: np.ndarray, ls: np.ndarray, lm: np.ndarray) -> None:
 
 
 @njit(cache=True)
-def _k4_scale_min(sc: np.ndarray, j: int) -> tuple[int, int]:
+def _k4_scale_min(sc: np.ndarray, j: int) -> tuple[np.int64, np.int64]:
     if j < 4:
         return np.int64(sc[j]) & 63, np.int64(sc[j + 4]) & 63
     a, b, c = np.int64(sc[j + 4]), np.int64(sc[j - 4]), np.int64(sc[j])

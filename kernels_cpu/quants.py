@@ -8,6 +8,8 @@ the oracle's order (no fastmath, so no fused multiply-add changes a rounding).
 
 Arrays reach the kernels read-only and C-contiguous, whatever the caller passed (a memmap, a
 writable array), so each compiled kernel has exactly one signature and the on-disk cache hits.
+Numba's cache is keyed on this file alone: after editing f16.py, touch this file too, or the
+cached kernels keep the old decoder.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from numba import njit, prange
+from numba import get_num_threads, njit, prange
 
 from .f16 import bf16_bits_to_f32, read_f16
 
@@ -404,7 +406,9 @@ def dequantize(
     """All rows of a tensor: raw bytes of whole rows -> float32 [n_rows, row_len].
 
     data: uint8 [n_rows, row_bytes] or 1-D bytes (any dtype is taken as its bytes). parallel:
-    None uses threads only when the tensor is big enough to pay for the launch.
+    None uses Numba's threads (numba.set_num_threads) only when the tensor is big enough to
+    pay for the launch; with the omp layer, a busy core makes a 2-thread call spin for
+    milliseconds unless OMP_WAIT_POLICY=PASSIVE, so callers that share cores pass False.
     """
     rows2d = np.ascontiguousarray(_as_rows(data, ggml_type, row_len))
     rows = np.arange(rows2d.shape[0], dtype=np.int64)
@@ -496,7 +500,8 @@ def _run(
     if rows.shape[0] == 0:
         return out
     if parallel is None:
-        parallel = rows.shape[0] > 1 and out.size >= _PARALLEL_MIN_ELEMENTS
+        big = rows.shape[0] > 1 and out.size >= _PARALLEL_MIN_ELEMENTS
+        parallel = big and get_num_threads() > 1
     kernel = _dequant_rows_parallel if parallel else _dequant_rows_serial
     kernel(int(ggml_type), rows2d, rows, out)
     return out

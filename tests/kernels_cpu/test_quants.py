@@ -14,7 +14,6 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as oracle
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from llmapp.kernels_cpu import quants
 from llmapp.kernels_cpu.f16 import bf16_bits_to_f32, f16_array_to_f32
 from llmapp.runtime.ggml_types import TYPE_TRAITS
@@ -56,7 +55,7 @@ def random_rows(
     raw = rng.integers(0, 256, size=(n_rows * n_blocks, type_size), dtype=np.uint8)
     if finite:
         if ggml_type == quants.F32:
-            raw = rng.standard_normal(raw.shape[0], dtype=np.float32).view(np.uint8)
+            raw = np.asarray(rng.standard_normal(raw.shape[0], dtype=np.float32)).view(np.uint8)
         elif ggml_type == quants.F16:
             raw = finite_halves(rng, raw.shape[0]).view(np.uint8).reshape(-1, 2)
         elif ggml_type in F16_FIELDS:
@@ -164,10 +163,10 @@ def test_dequantize_rows_reads_only_its_rows() -> None:
     wanted = np.array([3, 9, 3, -1], dtype=np.int64)
     ref = reference(raw, ggml_type, row_len)[wanted]
     # Poison every other row: a NaN scale would spread NaN through anything read from it.
-    poisoned = raw.copy().reshape(12, n_blocks, -1)
+    blocks = raw.copy().reshape(12, n_blocks, -1)
     others = np.setdiff1d(np.arange(12), wanted % 12)
-    poisoned[others, :, 208:210] = np.frombuffer(b"\x00\x7e", dtype=np.uint8)
-    poisoned = poisoned.reshape(12, -1)
+    blocks[others, :, 208:210] = np.frombuffer(b"\x00\x7e", dtype=np.uint8)  # d = NaN
+    poisoned = blocks.reshape(12, -1)
     assert_bit_exact(quants.dequantize_rows(poisoned, ggml_type, row_len, wanted), ref)
     # A strided view (rows inside a wider buffer) is gathered, not copied whole.
     wide = np.zeros((12, raw.shape[1] + 5), dtype=np.uint8)

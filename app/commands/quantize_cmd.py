@@ -1,0 +1,83 @@
+"""`llmapp quantize IN OUT --type T`: write a quantized copy of a model."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from llmapp.runtime.ggml_types import type_name
+from llmapp.runtime.quantize import FILE_TYPES, QuantizeReport, TensorResult, quantize_file
+from llmapp.runtime.store import resolve_model
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "quantize",
+        help="write a quantized copy of a GGUF model (llama.cpp's per-tensor type mix)",
+    )
+    p.add_argument("input", metavar="IN", help="model to read: a GGUF file or a catalog name")
+    p.add_argument("output", metavar="OUT", help="GGUF file to write (replaced if it exists)")
+    p.add_argument(
+        "--type",
+        required=True,
+        type=str.upper,
+        choices=list(FILE_TYPES),
+        help="file type: Q2_K, Q4_K_M, Q6_K or Q8_0",
+    )
+    p.add_argument(
+        "--pure", action="store_true", help="give every quantizable tensor the base type"
+    )
+    p.add_argument(
+        "--allow-requantize",
+        action="store_true",
+        help="accept an already-quantized input (dequantized first; quality suffers)",
+    )
+    p.set_defaults(handler=run_quantize)
+
+
+def run_quantize(args: argparse.Namespace) -> int:
+    src = resolve_model(args.input)
+    report = quantize_file(
+        src,
+        args.output,
+        args.type,
+        pure=args.pure,
+        allow_requantize=args.allow_requantize,
+        progress=_print_progress,
+    )
+    _print_summary(report)
+    return 0
+
+
+def _print_progress(index: int, total: int, r: TensorResult) -> None:
+    shape = "x".join(str(d) for d in r.shape)
+    change = (
+        f"{type_name(r.src_type)} -> {type_name(r.dst_type)}"
+        if r.converted
+        else f"{type_name(r.src_type)} (copied)"
+    )
+    width = len(str(total))
+    print(
+        f"[{index:{width}d}/{total}] {r.name:<32s} {shape:>14s}  {change:<18s} "
+        f"{_mib(r.src_bytes):>9s} -> {_mib(r.dst_bytes):>9s}",
+        flush=True,
+    )
+
+
+def _print_summary(report: QuantizeReport) -> None:
+    counts = ", ".join(f"{n} {t}" for t, n in sorted(report.type_counts.items()))
+    src_mb, dst_mb = report.src_file_bytes / 1e6, report.dst_file_bytes / 1e6
+    ratio = report.dst_file_bytes / report.src_file_bytes if report.src_file_bytes else 0.0
+    print(f"wrote {report.dst} ({report.ftype}{', pure' if report.pure else ''})")
+    print(f"  tensors: {counts}")
+    if report.n_fallback:
+        print(f"  {report.n_fallback} tensor(s) fell back to a smaller block (row length)")
+    print(
+        f"  size: {src_mb:.1f} MB -> {dst_mb:.1f} MB ({ratio:.1%}) in {report.seconds:.1f} s",
+        file=sys.stdout,
+    )
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.2f} MiB"
