@@ -12,9 +12,9 @@ from llmapp.runtime.errors import LlmappError
 
 def _command_modules() -> list[ModuleType]:
     # Each verb module exposes add_parser(subparsers) and run(args) -> int.
-    from llmapp.app.commands import quantize_cmd, run_cmds, store_cmds
+    from llmapp.app.commands import quantize_cmd, run_cmds, store_cmds, tokenize_cmd
 
-    return [store_cmds, run_cmds, quantize_cmd]
+    return [store_cmds, run_cmds, quantize_cmd, tokenize_cmd]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -50,9 +50,7 @@ def write_synthetic_llama(
     loads. dtype float32 or float16 for the 2-D weights; norms stay F32 as converters write."""
     import gguf
 
-    rng = np.random.default_rng(seed)
     w = gguf.GGUFWriter(str(path), "llama")
-    head_dim = n_embd // n_head
     w.add_name("synthetic-llama")
     w.add_context_length(256)
     w.add_embedding_length(n_embd)
@@ -60,12 +58,24 @@ def write_synthetic_llama(
     w.add_feed_forward_length(n_ff)
     w.add_head_count(n_head)
     w.add_head_count_kv(n_head_kv)
-    w.add_rope_dimension_count(head_dim)
+    w.add_rope_dimension_count(n_embd // n_head)
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_file_type(0 if dtype == np.float32 else 1)
     _add_tiny_vocab(w, n_vocab)
+    _add_llama_tensors(w, np.random.default_rng(seed), n_embd, n_ff, n_layer,
+                       n_head_kv * (n_embd // n_head), n_vocab, tied, dtype)  # fmt: skip
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
 
+
+def _add_llama_tensors(
+    w: Any, rng: np.random.Generator, n_embd: int, n_ff: int, n_layer: int, n_kv: int,
+    n_vocab: int, tied: bool, dtype: Any,
+) -> None:  # fmt: skip
     def weight(rows: int, cols: int) -> np.ndarray:
         # Gaussian weights with a few larger outliers, as trained matrices have.
         x = rng.standard_normal((rows, cols)).astype(np.float32) * np.float32(0.02)
@@ -81,8 +91,8 @@ def write_synthetic_llama(
         p = f"blk.{i}."
         w.add_tensor(p + "attn_norm.weight", norm())
         w.add_tensor(p + "attn_q.weight", weight(n_embd, n_embd))
-        w.add_tensor(p + "attn_k.weight", weight(n_head_kv * head_dim, n_embd))
-        w.add_tensor(p + "attn_v.weight", weight(n_head_kv * head_dim, n_embd))
+        w.add_tensor(p + "attn_k.weight", weight(n_kv, n_embd))
+        w.add_tensor(p + "attn_v.weight", weight(n_kv, n_embd))
         w.add_tensor(p + "attn_output.weight", weight(n_embd, n_embd))
         w.add_tensor(p + "ffn_norm.weight", norm())
         w.add_tensor(p + "ffn_gate.weight", weight(n_ff, n_embd))
@@ -91,11 +101,6 @@ def write_synthetic_llama(
     w.add_tensor("output_norm.weight", norm())
     if not tied:
         w.add_tensor("output.weight", weight(n_vocab, n_embd))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
 
 
 def _add_tiny_vocab(w: Any, n_vocab: int) -> None:
@@ -151,9 +156,7 @@ def llama_quantize_file(src: Path, dst: Path, ftype: str, pure: bool = False) ->
     params.ftype = llama_ftype(ftype)
     params.nthread = 2
     params.pure = pure
-    rc = llama_cpp.llama_model_quantize(
-        str(src).encode(), str(dst).encode(), ctypes.byref(params)
-    )
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0:
         raise RuntimeError(f"llama_model_quantize failed ({rc}) on {src}")
 
@@ -173,8 +176,8 @@ def llama_quantize_rows(x: np.ndarray, ggml_type: int) -> np.ndarray:
         lib = ctypes.CDLL(str(lib_dir / "libggml-base.so"))
         fn = lib.ggml_quantize_chunk
         fn.restype = ctypes.c_size_t
-        fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 3
-        fn.argtypes += [ctypes.c_void_p]
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        fn.argtypes = [ctypes.c_int, ptr, ptr, i64, i64, i64, ptr]  # type, src, dst, start, ...
         _GGML_BASE = fn
     rows = np.ascontiguousarray(x, dtype=np.float32)
     out = np.zeros((rows.shape[0], quantized_row_bytes(ggml_type, rows.shape[1])), np.uint8)
@@ -188,26 +191,19 @@ def llama_quantize_rows(x: np.ndarray, ggml_type: int) -> np.ndarray:
 # Measuring
 
 
-def tensor_values(path: Path) -> dict[str, tuple[int, np.ndarray]]:
-    """Every tensor of a GGUF file as (ggml type, float32 [n_rows, row_len])."""
+def rms_errors(src: Path, quantized: Path) -> dict[str, tuple[int, float]]:
+    """Per tensor of `quantized`: (its type, RMS of its values minus the source's values)."""
     from llmapp.kernels_cpu.quants import dequantize
     from llmapp.runtime.gguf_file import GGUFFile
 
-    out = {}
-    with GGUFFile(path) as f:
-        for name, info in f.tensors.items():
-            values = dequantize(f.tensor_data(name), info.ggml_type, info.row_len)
-            out[name] = (info.ggml_type, values)
-    return out
-
-
-def rms_errors(src: Path, quantized: Path) -> dict[str, tuple[int, float]]:
-    """Per tensor of `quantized`: (its type, RMS of its values minus the F32 source's)."""
-    ref = tensor_values(src)
     errors = {}
-    for name, (t, values) in tensor_values(quantized).items():
-        diff = values.astype(np.float64) - ref[name][1]
-        errors[name] = (t, float(np.sqrt(np.mean(diff * diff))))
+    with GGUFFile(src) as a, GGUFFile(quantized) as b:
+        for name, info in b.tensors.items():
+            ref = a.tensors[name]
+            x = dequantize(a.tensor_data(name), ref.ggml_type, ref.row_len)
+            y = dequantize(b.tensor_data(name), info.ggml_type, info.row_len)
+            diff = y.astype(np.float64) - x
+            errors[name] = (info.ggml_type, float(np.sqrt(np.mean(diff * diff))))
     return errors
 
 
@@ -223,7 +219,7 @@ def compare(src: Path, ftype: str, workdir: Path) -> dict[str, Any]:
     llama_quantize_file(src, peer_path, ftype)
     t_peer = time.perf_counter() - t0
     ours, peer = rms_errors(src, ours_path), rms_errors(src, peer_path)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name, (t, err) in ours.items():
         p_type, p_err = peer[name]
         if t != 0 or p_type != 0:  # F32 tensors are copies on both sides
@@ -245,7 +241,7 @@ def compare(src: Path, ftype: str, workdir: Path) -> dict[str, Any]:
 def dequantized_copy(src: Path, dst: Path) -> Path:
     """A real model with every tensor stored as F32 (the float values its blocks encode)."""
     import gguf
-
+    from llmapp.kernels_cpu.quants import dequantize
     from llmapp.runtime.gguf_file import GGUFFile
     from llmapp.runtime.quantize import _copy_key, _writer_class
 
@@ -253,14 +249,20 @@ def dequantized_copy(src: Path, dst: Path) -> Path:
         w = _writer_class()(str(dst), f.metadata["general.architecture"])
         w.kv_data[0].clear()
         for key, value in f.metadata.items():
-            _copy_key(w, f, key, value)
-        values = tensor_values(src)
+            if key == "general.file_type":
+                w.add_key_value(key, 0, gguf.GGUFValueType.UINT32)  # all F32 now
+            else:
+                _copy_key(w, f, key, value)
         for name, info in f.tensors.items():
-            arr = values[name][1].reshape(tuple(reversed(info.shape)))
-            w.add_tensor(name, arr, raw_dtype=gguf.GGMLQuantizationType.F32)
+            w.add_tensor_info(
+                name, tuple(reversed(info.shape)), np.dtype(np.float32), 4 * info.n_elements,
+                raw_dtype=gguf.GGMLQuantizationType.F32,
+            )  # fmt: skip
         w.write_header_to_file()
         w.write_kv_data_to_file()
-        w.write_tensors_to_file()
+        w.write_ti_data_to_file()
+        for name, info in f.tensors.items():  # one tensor in memory at a time
+            w.write_tensor_data(dequantize(f.tensor_data(name), info.ggml_type, info.row_len))
         w.close()
     return dst
 

@@ -13,6 +13,9 @@ overflows saturates at +-65504 instead of becoming inf (llama.cpp's validation t
 file), a NaN scale (from float32 overflow of x*x on values beyond ~1e19) is stored as 0, and every
 float-to-int conversion is clamped, so no input ever yields inf or NaN blocks.
 
+Division follows IEEE rules as in C (x/0 is inf, 0/0 NaN: numba's "numpy" error model), which
+the searches rely on for degenerate sub-blocks.
+
 A tensor of `n_rows` rows of `row_len` floats becomes `n_rows` rows of `row_len / block * size`
 bytes; blocks never cross rows, so the kernels run over the flattened data block by block.
 """
@@ -61,7 +64,7 @@ _BLOCKS_PER_TASK = 64
 # Scalar helpers
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _nearest_int(v: np.float32) -> int:
     """Round to nearest (ties to even) exactly as the magic-number trick does in float32."""
     t = np.float32(v + _ROUND_MAGIC)
@@ -69,12 +72,12 @@ def _nearest_int(v: np.float32) -> int:
     return int((bits & 0x007FFFFF) - 0x00400000)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _clamp(v: int, lo: int, hi: int) -> int:
     return lo if v < lo else (hi if v > hi else v)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _trunc_clamp(v: np.float32, lo: int, hi: int) -> int:
     """C's float-to-int truncation, clamped first (an out-of-range cast is undefined in C)."""
     if not v == v:
@@ -86,7 +89,7 @@ def _trunc_clamp(v: np.float32, lo: int, hi: int) -> int:
     return int(v)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _roundf_clamp(v: np.float32, lo: int, hi: int) -> int:
     """C's roundf (half away from zero), clamped to [lo, hi]."""
     if not v == v:
@@ -101,7 +104,7 @@ def _roundf_clamp(v: np.float32, lo: int, hi: int) -> int:
     return int(t)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _f16_bits(v: np.float32) -> int | np.int64:
     """IEEE half bits of a float32, rounded to nearest even; saturating, NaN -> 0."""
     bits = np.int64(np.float32(v).view(np.uint32))
@@ -129,7 +132,7 @@ def _f16_bits(v: np.float32) -> int | np.int64:
     return sign | h
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _put_f16(out: np.ndarray, pos: int, v: np.float32) -> np.float32:
     """Store v as a little-endian half at out[pos]; return the value actually stored."""
     h = _f16_bits(v)
@@ -138,13 +141,13 @@ def _put_f16(out: np.ndarray, pos: int, v: np.float32) -> np.float32:
     return f16_bits_to_f32(h)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _put_u32(out: np.ndarray, pos: int, v: int) -> None:
     for k in range(4):
         out[pos + k] = (v >> (8 * k)) & 0xFF
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _all_finite(x: np.ndarray) -> bool:
     for i in range(x.shape[0]):
         if not np.isfinite(x[i]):
@@ -156,7 +159,7 @@ def _all_finite(x: np.ndarray) -> bool:
 # 32-element blocks with one scale (and, for _1 types, a min)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _signed_absmax(xb: np.ndarray) -> np.float32:
     """The value of largest magnitude (the first one on ties), sign kept."""
     amax = _ZERO
@@ -168,7 +171,7 @@ def _signed_absmax(xb: np.ndarray) -> np.float32:
     return vmax
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _min_max(xb: np.ndarray) -> tuple[np.float32, np.float32]:
     mn = _FLT_MAX
     mx = -_FLT_MAX
@@ -180,12 +183,12 @@ def _min_max(xb: np.ndarray) -> tuple[np.float32, np.float32]:
     return mn, mx
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _inverse(d: np.float32) -> np.float32:
     return _ONE / d if d != _ZERO else _ZERO
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _block_q8_0(xb: np.ndarray, ob: np.ndarray) -> None:
     amax = _ZERO
     for v in xb:
@@ -197,7 +200,7 @@ def _block_q8_0(xb: np.ndarray, ob: np.ndarray) -> None:
         ob[2 + j] = _roundf_clamp(xb[j] * inv, -128, 127) & 0xFF
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _block_q4_0(xb: np.ndarray, ob: np.ndarray) -> None:
     d = _signed_absmax(xb) / np.float32(-8.0)  # the extreme value maps to level -8 exactly
     inv = _inverse(d)
@@ -208,7 +211,7 @@ def _block_q4_0(xb: np.ndarray, ob: np.ndarray) -> None:
         ob[2 + j] = lo | (hi << 4)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _block_q5_0(xb: np.ndarray, ob: np.ndarray) -> None:
     d = _signed_absmax(xb) / np.float32(-16.0)
     inv = _inverse(d)
@@ -222,7 +225,7 @@ def _block_q5_0(xb: np.ndarray, ob: np.ndarray) -> None:
     _put_u32(ob, 2, qh)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _block_q4_1(xb: np.ndarray, ob: np.ndarray) -> None:
     mn, mx = _min_max(xb)
     d = (mx - mn) / np.float32(15.0)
@@ -235,7 +238,7 @@ def _block_q4_1(xb: np.ndarray, ob: np.ndarray) -> None:
         ob[4 + j] = lo | (hi << 4)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _block_q5_1(xb: np.ndarray, ob: np.ndarray) -> None:
     mn, mx = _min_max(xb)
     d = (mx - mn) / np.float32(31.0)
@@ -251,7 +254,7 @@ def _block_q5_1(xb: np.ndarray, ob: np.ndarray) -> None:
     _put_u32(ob, 4, qh)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _iq4_nl_index(v: np.float32) -> int:
     """Nearest code-book level: level i wins from the midpoint of levels i-1 and i upward."""
     v2 = v + v
@@ -265,7 +268,7 @@ def _iq4_nl_index(v: np.float32) -> int:
     return idx
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _iq4_nl_fit(xb: np.ndarray, inv: np.float32) -> tuple[np.float32, np.float32]:
     """Weighted (x^2) least-squares sums of the block against its levels at scale 1/inv."""
     sumqx = _ZERO
@@ -278,7 +281,7 @@ def _iq4_nl_fit(xb: np.ndarray, inv: np.float32) -> tuple[np.float32, np.float32
     return sumqx, sumq2
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _block_iq4_nl(xb: np.ndarray, ob: np.ndarray) -> None:
     # Scale search of llama.cpp's IQ4_NL quantizer as used for model files (7 tries each side).
     vmax = _signed_absmax(xb)
@@ -302,7 +305,7 @@ def _block_iq4_nl(xb: np.ndarray, ob: np.ndarray) -> None:
 # Searches for sub-block scales (K-quants)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _make_qkx2_quants(
     x: np.ndarray,
     weights: np.ndarray,
@@ -348,7 +351,7 @@ def _make_qkx2_quants(
     return scale, -mn
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _refit_scale_min(
     x: np.ndarray,
     weights: np.ndarray,
@@ -387,7 +390,7 @@ def _refit_scale_min(
     return True, this_scale, this_min, err
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _signed_absmax_n(x: np.ndarray) -> tuple[np.float32, np.float32]:
     amax = _ZERO
     vmax = _ZERO
@@ -398,7 +401,7 @@ def _signed_absmax_n(x: np.ndarray) -> tuple[np.float32, np.float32]:
     return amax, vmax
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _qx_sums(x: np.ndarray, iscale: np.float32, nmax: int) -> tuple[np.float32, np.float32]:
     """x^2-weighted sums (sum w*x*l, sum w*l*l) of the symmetric rounding at iscale."""
     sumlx = _ZERO
@@ -411,13 +414,13 @@ def _qx_sums(x: np.ndarray, iscale: np.float32, nmax: int) -> tuple[np.float32, 
     return sumlx, suml2
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _qx_levels(x: np.ndarray, L: np.ndarray, iscale: np.float32, nmax: int) -> None:
     for i in range(x.shape[0]):
         L[i] = nmax + _clamp(_nearest_int(iscale * x[i]), -nmax, nmax - 1)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _make_qx_quants(x: np.ndarray, L: np.ndarray, nmax: int) -> np.float32:
     """Signed scale of a symmetric sub-block (levels -nmax..nmax-1, stored +nmax in L).
 
@@ -445,7 +448,7 @@ def _make_qx_quants(x: np.ndarray, L: np.ndarray, nmax: int) -> np.float32:
     return scale
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _make_q3_quants(x: np.ndarray, L: np.ndarray, nmax: int) -> np.float32:
     """Signed scale of a 3-bit sub-block: round at nmax/max, then move single values to better
     levels while the x^2-weighted fit improves (at most 5 passes). L gets level + nmax."""
@@ -491,7 +494,7 @@ def _make_q3_quants(x: np.ndarray, L: np.ndarray, nmax: int) -> np.float32:
 # 256-element super-blocks
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _pack_2bit(L: np.ndarray, ob: np.ndarray, pos: int) -> None:
     # Byte l of each 32-byte group holds elements l, l+32, l+64, l+96 of its 128-element half.
     for j in range(0, QK_K, 128):
@@ -501,7 +504,7 @@ def _pack_2bit(L: np.ndarray, ob: np.ndarray, pos: int) -> None:
             )
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _block_q2_k(xb: np.ndarray, ob: np.ndarray, L: np.ndarray, work: np.ndarray) -> None:
     # ob: scales[16] (scale | min << 4), qs[64], d, dmin.  work: float32[48], L: int32[256+16].
     weights, scales, mins = work[0:16], work[16:32], work[32:48]
@@ -544,14 +547,14 @@ def _block_q2_k(xb: np.ndarray, ob: np.ndarray, L: np.ndarray, work: np.ndarray)
     _pack_2bit(L, ob, 16)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _q3_k_scale(sc: np.ndarray, j: int) -> np.int64:
     low4 = (np.int64(sc[j]) & 0xF) if j < 8 else (np.int64(sc[j - 8]) >> 4)
     high2 = (np.int64(sc[8 + j % 4]) >> (2 * (j // 4))) & 3
     return (low4 | (high2 << 4)) - 32
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _q3_k_pack_scales(sc: np.ndarray, scales: np.ndarray, iscale: np.float32) -> None:
     # 16 six-bit scales (stored +32): low nibbles in bytes 0..7, top two bits in bytes 8..11.
     sc[:] = 0
@@ -566,7 +569,7 @@ def _q3_k_pack_scales(sc: np.ndarray, scales: np.ndarray, iscale: np.float32) ->
         sc[8 + j % 4] |= (l >> 4) << (2 * (j // 4))
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _block_q3_k(xb: np.ndarray, ob: np.ndarray, L: np.ndarray, work: np.ndarray) -> None:
     # ob: hmask[32], qs[64], scales[12], d.  work: float32[16].
     scales = work[0:16]
@@ -601,7 +604,7 @@ def _block_q3_k(xb: np.ndarray, ob: np.ndarray, L: np.ndarray, work: np.ndarray)
     _pack_2bit(L, ob, 32)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _pack_k4_scales(sc: np.ndarray, ls: np.ndarray, lm: np.ndarray) -> None:
     # Eight 6-bit (scale, min) pairs in 12 bytes: pairs 0..3 whole in bytes 0..7; pairs 4..7
     # split into low nibbles (bytes 8..11) and top two bits (bits 6..7 of bytes 0..7).
@@ -615,7 +618,7 @@ def _pack_k4_scales(sc: np.ndarray, ls: np.ndarray, lm: np.ndarray) -> None:
             sc[j] |= (lm[j] >> 4) << 6
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _k4_scale_min(sc: np.ndarray, j: int) -> tuple[np.int64, np.int64]:
     if j < 4:
         return np.int64(sc[j]) & 63, np.int64(sc[j + 4]) & 63
@@ -623,7 +626,7 @@ def _k4_scale_min(sc: np.ndarray, j: int) -> tuple[np.int64, np.int64]:
     return (a & 0xF) | ((b >> 6) << 4), (a >> 4) | ((c >> 6) << 4)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _k_scales_mins(
     xb: np.ndarray, L: np.ndarray, work: np.ndarray, nmax: int, rmin: np.float32, nstep: int
 ) -> tuple[np.float32, np.float32]:
@@ -649,7 +652,7 @@ def _k_scales_mins(
     return max_scale, max_min
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _k_store_scales(
     ob: np.ndarray, L: np.ndarray, work: np.ndarray, max_scale: np.float32, max_min: np.float32
 ) -> tuple[np.float32, np.float32]:
@@ -668,7 +671,7 @@ def _k_store_scales(
     return d, dmin
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _k_requantize(
     xb: np.ndarray, ob: np.ndarray, L: np.ndarray, d: np.float32, dmin: np.float32, nmax: int
 ) -> None:
@@ -684,7 +687,7 @@ def _k_requantize(
             L[32 * j + ii] = _clamp(_nearest_int((xb[32 * j + ii] + ml) / dl), 0, nmax)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _block_q4_k(xb: np.ndarray, ob: np.ndarray, L: np.ndarray, work: np.ndarray) -> None:
     # ob: d, dmin, scales[12], qs[128].  work: float32[48], L: int32[256+32].
     max_scale, max_min = _k_scales_mins(xb, L, work, 15, np.float32(-1.0), 20)
@@ -695,7 +698,7 @@ def _block_q4_k(xb: np.ndarray, ob: np.ndarray, L: np.ndarray, work: np.ndarray)
             ob[16 + j // 2 + l] = L[j + l] | (L[j + l + 32] << 4)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _block_q5_k(xb: np.ndarray, ob: np.ndarray, L: np.ndarray, work: np.ndarray) -> None:
     # ob: d, dmin, scales[12], qh[32], qs[128].
     max_scale, max_min = _k_scales_mins(xb, L, work, 31, np.float32(-0.5), 15)
@@ -716,7 +719,7 @@ def _block_q5_k(xb: np.ndarray, ob: np.ndarray, L: np.ndarray, work: np.ndarray)
             ob[48 + n // 2 + j] = l1 | (l2 << 4)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _block_q6_k(xb: np.ndarray, ob: np.ndarray, L: np.ndarray, work: np.ndarray) -> None:
     # ob: ql[128], qh[64], scales int8[16], d.  work: float32[16].
     scales = work[0:16]
@@ -744,7 +747,7 @@ def _block_q6_k(xb: np.ndarray, ob: np.ndarray, L: np.ndarray, work: np.ndarray)
     _pack_q6_k(L, ob)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _pack_q6_k(L: np.ndarray, ob: np.ndarray) -> None:
     # Per 128 elements: ql holds low nibbles (l | l+64 << 4, l+32 | l+96 << 4), qh the top 2 bits.
     for h in range(2):
@@ -760,7 +763,7 @@ def _pack_q6_k(L: np.ndarray, ob: np.ndarray) -> None:
 # Drivers: one per type, blocks split across threads in fixed-size tasks
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _run_block(type_id: int, xb: np.ndarray, ob: np.ndarray, L: np.ndarray, work: np.ndarray):
     if type_id == Q8_0:
         _block_q8_0(xb, ob)
@@ -786,7 +789,7 @@ def _run_block(type_id: int, xb: np.ndarray, ob: np.ndarray, L: np.ndarray, work
         _block_q6_k(xb, ob, L, work)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _run_task(type_id: int, qk: int, size: int, x: np.ndarray, out: np.ndarray, b0: int, b1: int):
     L = np.zeros(_SCRATCH_INTS, np.int32)
     work = np.zeros(48, np.float32)
@@ -794,7 +797,7 @@ def _run_task(type_id: int, qk: int, size: int, x: np.ndarray, out: np.ndarray, 
         _run_block(type_id, x[b * qk : (b + 1) * qk], out[b * size : (b + 1) * size], L, work)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, error_model="numpy")
 def _quantize_parallel(type_id: int, qk: int, size: int, x: np.ndarray, out: np.ndarray) -> None:
     n_blocks = x.shape[0] // qk
     n_tasks = (n_blocks + _BLOCKS_PER_TASK - 1) // _BLOCKS_PER_TASK

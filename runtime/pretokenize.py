@@ -128,7 +128,10 @@ _QWEN35 = (
 _UPPER_THEN_LOWER = r"((?=[\p{L}])([^a-z]))*((?=[\p{L}])([^A-Z]))+"
 _LOWER_AFTER_UPPER = r"((?=[\p{L}])([^a-z]))+((?=[\p{L}])([^A-Z]))*"
 _TEKKEN = (
-    r"[^\r\n\p{L}\p{N}]?" + _UPPER_THEN_LOWER + r"|[^\r\n\p{L}\p{N}]?" + _LOWER_AFTER_UPPER
+    r"[^\r\n\p{L}\p{N}]?"
+    + _UPPER_THEN_LOWER
+    + r"|[^\r\n\p{L}\p{N}]?"
+    + _LOWER_AFTER_UPPER
     + r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 _GPT4O = (

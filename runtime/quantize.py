@@ -285,7 +285,7 @@ def _mixed_type(state: _MixState, t: TensorSpec, role: Role, base: int) -> int:
     facts, ft = state.facts, state.ftype.name
     if role is Role.OUTPUT or (state.tied and role is Role.TOKEN_EMBD):
         return _output_type(state, t, base)
-    if role is Role.ATTN_V:
+    if role in (Role.ATTN_V, Role.ATTN_QKV):  # fused QKV carries V: llama.cpp treats it so
         return _attn_v_type(state, base)
     if role is Role.ATTN_K and facts.n_expert == 8:
         return GGMLType.Q8_0
@@ -296,8 +296,6 @@ def _mixed_type(state: _MixState, t: TensorSpec, role: Role, base: int) -> int:
             return GGMLType.Q5_K
         if facts.n_expert != 8 and ft == "Q2_K":
             return GGMLType.Q3_K
-    if role is Role.ATTN_QKV and ft == "Q4_K_M":
-        return GGMLType.Q5_K
     if role in (Role.FFN_GATE, Role.FFN_UP):
         _layer_of(state, 0, t.name)  # llama.cpp checks the layer of expert tensors here too
     return base

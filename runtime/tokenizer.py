@@ -281,7 +281,9 @@ class Tokenizer:
     def __init__(self, md: Mapping[str, Any], extra_eog: Iterable[str | int] = ()) -> None:
         self.model = md.get("tokenizer.ggml.model")
         if self.model not in ("gpt2", "llama"):
-            raise TokenizerError(f"unsupported tokenizer model {self.model!r} (tokenizer.ggml.model)")
+            raise TokenizerError(
+                f"unsupported tokenizer model {self.model!r} (tokenizer.ggml.model)"
+            )
         self._load_vocab(md)
         self._load_options(md)
         self._load_special_ids(md)
@@ -338,7 +340,9 @@ class Tokenizer:
             default_bos, default_eos, default_unk = 1, 2, 0
             add_bos_default, space_prefix_default = True, True
         self._defaults = (default_bos, default_eos, default_unk)
-        self.add_space_prefix = _md_bool(md, "tokenizer.ggml.add_space_prefix", space_prefix_default)
+        self.add_space_prefix = _md_bool(
+            md, "tokenizer.ggml.add_space_prefix", space_prefix_default
+        )
         self.add_bos = _md_bool(md, "tokenizer.ggml.add_bos_token", add_bos_default)
         self.add_eos = _md_bool(md, "tokenizer.ggml.add_eos_token", False)
 
@@ -616,7 +620,9 @@ class Tokenizer:
 
     def _check_id(self, token_id: int) -> None:
         if not 0 <= token_id < self.n_vocab:
-            raise TokenizerError(f"token id {token_id} is outside the vocabulary (0..{self.n_vocab - 1})")
+            raise TokenizerError(
+                f"token id {token_id} is outside the vocabulary (0..{self.n_vocab - 1})"
+            )
 
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
         """Ids -> text. Bytes that do not form UTF-8 become U+FFFD.

@@ -52,7 +52,7 @@ def test_tiny_llama(tmp_path: Path) -> None:
     assert c.attn_scale == 1 / math.sqrt(8) and c.embed_scale == 1.0
     assert c.activation == "silu" and c.file_type == 7
     assert sum(c.tensor_type_counts.values()) == 2 + 2 * 9
-    assert c.tensor_type_counts["F32"] == 1 + 2 * 2 + 2  # output_norm, norms, two F32 weights
+    assert c.tensor_type_counts["F32"] == 1 + 2 * 2 + 1  # output_norm, 4 norms, 1 weight
     assert (c.n_embd_q, c.n_embd_kv, c.n_gqa) == (32, 16, 2)
     hash(c)  # frozen and hashable
 

@@ -1,0 +1,171 @@
+"""Matmul kernel speed on Qwen2.5-0.5B shapes, against numpy float32 BLAS on the same weights.
+
+    python benchmarks/bench_kernels.py [--threads N] [--quick] [--no-compile]
+
+Weights are random bytes of the real type with small finite f16 scales. Columns:
+- one row, hot: the same matrix again and again (it stays in the 32 MB L3): kernel speed;
+- one row, cold: cycling through copies totalling > 3x L3, as in a decode step where every
+  weight comes from memory: the GB/s of packed weight read is the figure to compare with the
+  machine's bandwidth;
+- M rows: int8 path and float (dequantized tile) path, Gmac/s; numpy BLAS on a dequantized
+  float32 matrix for comparison (it uses its own thread pool).
+Compile time (first call, empty cache) and warm load (cache filled) are measured in fresh
+interpreters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from llmapp.kernels_cpu import matmul as mm
+from llmapp.kernels_cpu import threads
+
+CASES = [
+    ("attn_q/o Q5_0", mm.Q5_0, 896, 896),
+    ("ffn_up Q5_0", mm.Q5_0, 896, 4864),
+    ("ffn_up Q8_0", mm.Q8_0, 896, 4864),
+    ("ffn_down Q4_K", mm.Q4_K, 4864, 896),
+    ("ffn_down Q6_K", mm.Q6_K, 4864, 896),
+    ("output Q8_0", mm.Q8_0, 896, 151936),
+]
+ROWS = (8, 32, 128, 512)
+COLD_BYTES = 100 << 20
+
+
+def random_raw(ggml_type: int, n_rows: int, row_len: int, seed: int = 0) -> np.ndarray:
+    """Random blocks of a quantized type with small finite f16 scale fields."""
+    rng = np.random.default_rng(seed)
+    spec = mm.QUANT_SPECS[ggml_type]
+    nb = row_len // spec.block
+    raw = rng.integers(0, 256, size=(n_rows, nb, spec.nbytes), dtype=np.uint8)
+    for off in spec.halves:
+        half = (rng.random((n_rows, nb), dtype=np.float32) * 0.01 + 0.001).astype(np.float16)
+        raw[:, :, off : off + 2] = half.view(np.uint8).reshape(n_rows, nb, 2)
+    return raw.reshape(n_rows, nb * spec.nbytes)
+
+
+def best_time(fn: Callable[[], object], min_total: float = 0.3) -> float:
+    """Best of 5 averaged batches, each long enough to be measured."""
+    fn()
+    t = time.perf_counter()
+    fn()
+    once = max(time.perf_counter() - t, 1e-7)
+    reps = max(1, int(min_total / 5 / once))
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        best = min(best, (time.perf_counter() - t) / reps)
+    return best
+
+
+def one_row(w: mm.PackedWeight, copies: list[mm.PackedWeight]) -> tuple[float, float]:
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((1, w.row_len), dtype=np.float32)
+    out = np.empty((1, w.n_rows), np.float32)
+    hot = best_time(lambda: mm.matmul(x, w, out))
+
+    def cycle() -> None:
+        for c in copies:
+            mm.matmul(x, c, out)
+
+    cold = best_time(cycle) / len(copies)
+    return hot, cold
+
+
+def many_rows(w: mm.PackedWeight, wf: np.ndarray, m_rows: int) -> tuple[float, float, float]:
+    x = np.random.default_rng(2).standard_normal((m_rows, w.row_len), dtype=np.float32)
+    out = np.empty((m_rows, w.n_rows), np.float32)
+    t_int = best_time(lambda: mm.matmul(x, w, out, path="int"), 0.2)
+    t_float = best_time(lambda: mm.matmul(x, w, out, path="float"), 0.2)
+    t_blas = best_time(lambda: np.matmul(x, wf.T, out=out), 0.2)
+    return t_int, t_float, t_blas
+
+
+def bench_case(name: str, ggml_type: int, k: int, n: int, rows: tuple[int, ...]) -> None:
+    raw = random_raw(ggml_type, n, k)
+    t = time.perf_counter()
+    w = mm.pack_weight(raw, ggml_type, k)
+    pack_s = time.perf_counter() - t
+    n_copies = max(1, -(-COLD_BYTES // w.nbytes))
+    copies = [w] if n_copies == 1 else [w._replace(qs=w.qs.copy()) for _ in range(n_copies)]
+    hot, cold = one_row(w, copies)
+    macs = n * k
+    print(
+        f"{name:15} {n:>6}x{k:<5} pack {pack_s * 1e3:6.1f} ms  size {w.nbytes / raw.nbytes:4.2f}x"
+        f" | 1 row hot {hot * 1e6:7.1f} us {macs / hot / 1e9:5.1f} Gmac/s"
+        f" | cold {cold * 1e6:7.1f} us {w.nbytes / cold / 1e9:5.1f} GB/s"
+    )
+    del copies
+    wf = mm.unpack_weight(w)
+    for m_rows in rows:
+        t_int, t_float, t_blas = many_rows(w, wf, m_rows)
+        g = m_rows * macs / 1e9
+        print(
+            f"{'':15} M={m_rows:<4} int8 {g / t_int:5.1f}  float-tile {g / t_float:5.1f}"
+            f"  numpy-BLAS {g / t_blas:5.1f} Gmac/s   ({t_int * 1e3:.2f} / {t_float * 1e3:.2f}"
+            f" / {t_blas * 1e3:.2f} ms)"
+        )
+
+
+_COMPILE_PROBE = """
+import time
+t = time.perf_counter()
+import numpy as np
+from llmapp.kernels_cpu import matmul as mm
+rng = np.random.default_rng(0)
+for kind in (mm.Q4_0, mm.Q4_K, mm.Q6_K):
+    spec = mm.QUANT_SPECS[kind]
+    raw = rng.integers(0, 256, size=(64, spec.nbytes), dtype=np.uint8)
+    for off in spec.halves:
+        raw[:, off:off + 2] = np.full((64, 1), 0.01, np.float16).view(np.uint8)
+    w = mm.pack_weight(raw, kind, spec.block)
+    for m in (1, 32):
+        mm.matmul(np.ones((m, spec.block), np.float32), w)
+print(time.perf_counter() - t)
+"""
+
+
+def compile_times() -> tuple[float, float]:
+    """(first run with an empty cache, second run with the cache filled), seconds, fresh processes."""
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+        runs = []
+        for _ in range(2):
+            res = subprocess.run(
+                [sys.executable, "-c", _COMPILE_PROBE], env=env, capture_output=True, text=True
+            )
+            runs.append(float(res.stdout.strip().splitlines()[-1]))
+    return runs[0], runs[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=0, help="default: physical cores")
+    parser.add_argument("--quick", action="store_true", help="M=8 and 128 only, no output head")
+    parser.add_argument("--no-compile", action="store_true", help="skip the compile-time probe")
+    args = parser.parse_args()
+    n_threads = threads.set_num_threads(args.threads or None)
+    print(f"threads {n_threads}  (layer: after the first call below)")
+    rows = (8, 128) if args.quick else ROWS
+    for name, kind, k, n in CASES:
+        if args.quick and n > 100_000:
+            continue
+        bench_case(name, kind, k, n, rows if n < 100_000 else (8,))
+    print(f"threading layer {threads.threading_layer()}")
+    if not args.no_compile:
+        cold, warm = compile_times()
+        print(f"compile + first calls, empty cache: {cold:.1f} s; warm (cached) load: {warm:.2f} s")
+
+
+if __name__ == "__main__":
+    main()
