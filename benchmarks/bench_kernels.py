@@ -24,7 +24,6 @@ import time
 from collections.abc import Callable
 
 import numpy as np
-
 from llmapp.kernels_cpu import matmul as mm
 from llmapp.kernels_cpu import threads
 
@@ -136,7 +135,7 @@ print(time.perf_counter() - t)
 
 
 def compile_times() -> tuple[float, float]:
-    """(first run with an empty cache, second run with the cache filled), seconds, fresh processes."""
+    """Seconds for (a run with an empty cache, a run with it filled), each a fresh process."""
     with tempfile.TemporaryDirectory() as cache:
         env = dict(os.environ, NUMBA_CACHE_DIR=cache)
         runs = []
@@ -155,7 +154,8 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true", help="skip the compile-time probe")
     args = parser.parse_args()
     n_threads = threads.set_num_threads(args.threads or None)
-    print(f"threads {n_threads}  (layer: after the first call below)")
+    blas = os.environ.get("OPENBLAS_NUM_THREADS", "its default")
+    print(f"threads {n_threads}; numpy BLAS threads {blas}")
     rows = (8, 128) if args.quick else ROWS
     for name, kind, k, n in CASES:
         if args.quick and n > 100_000:

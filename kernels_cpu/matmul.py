@@ -36,9 +36,13 @@ from . import threads as _threads  # threading layer set before any parallel ker
 TILE = 32
 """Output rows per tile (SIMD lanes of the kernels)."""
 KC = 8
+SERIAL_MACS = 1 << 18
+"""Below this many multiply-adds a matmul runs on the calling thread (~5 us of work)."""
 """Columns per step of the float kernel; float tiles pad K to a multiple of it."""
-MANY_ROWS = 16
-"""From this many activation rows on, the float (dequantize-tile) path is used."""
+MANY_ROWS = 64
+"""From this many activation rows on, the float (dequantize-tile) path is used: measured on one
+thread, the int8 path holds ~50 Gmac/s per row at any M, the float path overtakes it at M ~48-64
+(~65 Gmac/s at M=128)."""
 
 # ggml type ids (the GGUF format's numbers; kernels do not import the runtime's table).
 F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 = 0, 1, 2, 3, 6, 7, 8
@@ -341,7 +345,7 @@ def pack_weight(raw: np.ndarray, ggml_type: int, row_len: int) -> PackedWeight:
     scales = np.empty((n_tiles, ng * TILE), np.float32)
     mins = np.empty((n_tiles, ng * TILE if spec.has_min else 0), np.float32)
     m = np.ascontiguousarray(m)
-    workers = _workers(n_tiles)
+    workers = _workers(n_tiles, n_rows * row_len)
     _pack_tiles(ggml_type, raw, d, m, n_rows, row_len, qs, scales, mins, _IQ4_NL_VALUES, workers)
     empty = np.zeros((n_tiles, 0), np.float32)
     return PackedWeight(ggml_type, n_rows, row_len, spec.group, qs, scales, mins, empty)
@@ -471,31 +475,37 @@ def _dot_tile_g16(wq, ws, xq, xs, o):
 
 @njit(cache=True, fastmath=True)
 def _sub_mins(wm, xsum, o):
-    # o[r] -= sum_g mins[g, r] * sum(x over group g)
+    # o[r] -= sum_g mins[g, r] * sum(x over group g); runtime-length lane loop (_dequant_tile).
     for g in range(xsum.size):
         mg = wm[g * TILE : (g + 1) * TILE]
         s = xsum[g]
-        for r in range(TILE):
+        for r in range(o.size):
             o[r] -= mg[r] * s
 
 
+@njit(cache=True)
+def _int_tiles(xq, xs, xsum, wq, ws, wm, group, n_rows, out, t0, t1):
+    o = np.empty(TILE, np.float32)
+    for t in range(t0, t1):
+        n0 = t * TILE
+        nr = min(TILE, n_rows - n0)
+        for m in range(xq.shape[0]):
+            if group == 32:
+                _dot_tile_g32(wq[t], ws[t], xq[m], xs[m], o)
+            else:
+                _dot_tile_g16(wq[t], ws[t], xq[m], xs[m], o)
+            if wm.shape[1]:
+                _sub_mins(wm[t], xsum[m], o)
+            out[m, n0 : n0 + nr] = o[:nr]
+
+
 @njit(cache=True, parallel=True)
-def _matmul_int(xq, xs, xsum, wq, ws, wm, group, n_rows, out, n_workers):
+def _int_parallel(xq, xs, xsum, wq, ws, wm, group, n_rows, out, n_workers):
     n_tiles = wq.shape[0]
-    m_rows = xq.shape[0]
     for w in prange(n_workers):
-        o = np.empty(TILE, np.float32)
-        for t in range(w * n_tiles // n_workers, (w + 1) * n_tiles // n_workers):
-            n0 = t * TILE
-            nr = min(TILE, n_rows - n0)
-            for m in range(m_rows):
-                if group == 32:
-                    _dot_tile_g32(wq[t], ws[t], xq[m], xs[m], o)
-                else:
-                    _dot_tile_g16(wq[t], ws[t], xq[m], xs[m], o)
-                if wm.shape[1]:
-                    _sub_mins(wm[t], xsum[m], o)
-                out[m, n0 : n0 + nr] = o[:nr]
+        t0 = w * n_tiles // n_workers
+        t1 = (w + 1) * n_tiles // n_workers
+        _int_tiles(xq, xs, xsum, wq, ws, wm, group, n_rows, out, t0, t1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -506,22 +516,23 @@ def _matmul_int(xq, xs, xsum, wq, ws, wm, group, n_rows, out, n_workers):
 
 @njit(cache=True, fastmath=True)
 def _dequant_tile(wq, ws, wm, group, wf):
-    # wf float32 [K*TILE] = scale * q - min, same k-major lane layout as wq.
+    # wf float32 [K*TILE] = scale * q - min, same k-major lane layout as wq. The lane loops run
+    # to a runtime length (slice size): with the constant TILE LLVM unrolls them and, unable to
+    # rule out aliasing without runtime checks, leaves them scalar.
     k = wq.size // TILE
     for g in range(k // group):
         sg = ws[g * TILE : (g + 1) * TILE]
+        mg = wm[g * TILE : (g + 1) * TILE] if wm.size else ws[0:0]
         for j in range(group):
             base = (g * group + j) * TILE
             src = wq[base : base + TILE]
             dst = wf[base : base + TILE]
-            for r in range(TILE):
-                dst[r] = sg[r] * np.float32(src[r])
-        if wm.size:
-            mg = wm[g * TILE : (g + 1) * TILE]
-            dst = wf[g * group * TILE : (g + 1) * group * TILE]
-            for j in range(group):
-                for r in range(TILE):
-                    dst[j * TILE + r] -= mg[r]
+            if mg.size:
+                for r in range(dst.size):
+                    dst[r] = sg[r] * np.float32(src[r]) - mg[r]
+            else:
+                for r in range(dst.size):
+                    dst[r] = sg[r] * np.float32(src[r])
 
 
 @njit(cache=True, fastmath=True)
@@ -550,34 +561,43 @@ def _gemm4_tile(x, m0, wf, o):
             o[3 * TILE + r] = a3
 
 
-@njit(cache=True, parallel=True)
-def _matmul_float(xp, m_rows, wq, ws, wm, wf, group, n_rows, out, n_workers):
+@njit(cache=True)
+def _float_tiles(xp, m_rows, wq, ws, wm, wf, group, n_rows, out, t0, t1):
     # xp float32 [M4, KP] (rows padded to 4, columns to KC with zeros); wf used when group == 0.
+    buf = np.empty(xp.shape[1] * TILE if group else 0, np.float32)
+    o = np.empty(4 * TILE, np.float32)
+    for t in range(t0, t1):
+        tile = wf[t] if group == 0 else buf
+        if group:
+            _dequant_tile(wq[t], ws[t], wm[t], group, buf)
+        n0 = t * TILE
+        nr = min(TILE, n_rows - n0)
+        for m0 in range(0, xp.shape[0], 4):
+            o[:] = 0
+            _gemm4_tile(xp, m0, tile, o)
+            for i in range(min(4, m_rows - m0)):
+                out[m0 + i, n0 : n0 + nr] = o[i * TILE : i * TILE + nr]
+
+
+@njit(cache=True, parallel=True)
+def _float_parallel(xp, m_rows, wq, ws, wm, wf, group, n_rows, out, n_workers):
     n_tiles = max(wq.shape[0], wf.shape[0])
-    kp = xp.shape[1]
     for w in prange(n_workers):
-        buf = np.empty(kp * TILE if group else 0, np.float32)
-        o = np.empty(4 * TILE, np.float32)
-        for t in range(w * n_tiles // n_workers, (w + 1) * n_tiles // n_workers):
-            tile = wf[t] if group == 0 else buf
-            if group:
-                _dequant_tile(wq[t], ws[t], wm[t], group, buf)
-            n0 = t * TILE
-            nr = min(TILE, n_rows - n0)
-            for m0 in range(0, xp.shape[0], 4):
-                o[:] = 0
-                _gemm4_tile(xp, m0, tile, o)
-                for i in range(min(4, m_rows - m0)):
-                    out[m0 + i, n0 : n0 + nr] = o[i * TILE : i * TILE + nr]
+        t0 = w * n_tiles // n_workers
+        t1 = (w + 1) * n_tiles // n_workers
+        _float_tiles(xp, m_rows, wq, ws, wm, wf, group, n_rows, out, t0, t1)
 
 
 # ---------------------------------------------------------------------------------------------
 # Public entry points.
 
 
-def _workers(n_tiles: int) -> int:
-    # Static split of tiles over threads; numba.get_num_threads() inside a kernel would make it
-    # uncacheable (a ctypes global).
+def _workers(n_tiles: int, macs: int) -> int:
+    # Static split of tiles over threads, passed in: numba.get_num_threads() inside a kernel
+    # would make it uncacheable (a ctypes global). Small products run serially: a parallel
+    # launch costs microseconds, more than their whole work.
+    if macs < SERIAL_MACS:
+        return 1
     return max(1, min(n_tiles, _threads.get_num_threads()))
 
 
@@ -605,15 +625,23 @@ def matmul(
     x = np.ascontiguousarray(x, dtype=np.float32)
     if out is None:
         out = np.empty((m_rows, w.n_rows), np.float32)
-    workers = _workers(w.n_tiles)
+    workers = _workers(w.n_tiles, m_rows * k * w.n_rows)
     use_float = path == "float" or (path == "auto" and m_rows >= MANY_ROWS)
     if w.is_float or use_float:
         kp = w.wf.shape[1] // TILE if w.is_float else k
         xp = _padded_rows(x, kp)
-        _matmul_float(xp, m_rows, w.qs, w.scales, w.mins, w.wf, w.group, w.n_rows, out, workers)
+        args_f = (xp, m_rows, w.qs, w.scales, w.mins, w.wf, w.group, w.n_rows, out)
+        if workers == 1:
+            _float_tiles(*args_f, 0, w.n_tiles)
+        else:
+            _float_parallel(*args_f, workers)
         return out
     xq, xs, xsum = quantize_activations(x, w.group, w.has_min)
-    _matmul_int(xq, xs, xsum, w.qs, w.scales, w.mins, w.group, w.n_rows, out, workers)
+    args_i = (xq, xs, xsum, w.qs, w.scales, w.mins, w.group, w.n_rows, out)
+    if workers == 1:
+        _int_tiles(*args_i, 0, w.n_tiles)
+    else:
+        _int_parallel(*args_i, workers)
     return out
 
 

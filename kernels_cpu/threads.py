@@ -26,7 +26,7 @@ def _configure_layer() -> None:
     # A user's explicit choice wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if "NUMBA_THREADING_LAYER" not in os.environ:
-        numba.config.THREADING_LAYER_PRIORITY = list(_LAYER_ORDER)
+        numba.config.THREADING_LAYER_PRIORITY = list(_LAYER_ORDER)  # type: ignore[attr-defined]
 
 
 _configure_layer()
@@ -54,7 +54,7 @@ def physical_cores() -> int:
 
 def max_threads() -> int:
     """Upper bound for set_num_threads (Numba fixes its pool size at startup)."""
-    return int(numba.config.NUMBA_NUM_THREADS)
+    return int(numba.config.NUMBA_NUM_THREADS)  # type: ignore[attr-defined]
 
 
 def set_num_threads(n: int | None = None) -> int:

@@ -76,7 +76,8 @@ def _too_big(size: int) -> None:
 
 
 _PRINTF_NUMBERS = re.compile(r"%[-#0 +]*(\d*)(?:\.(\d+))?")
-_FORMAT_NUMBERS = re.compile(r"\d+")
+_FORMAT_FIELDS = re.compile(r"\{[^{}]*\}")  # str.format replacement fields
+_NUMBER = re.compile(r"\d+")
 
 
 def _check_printf(fmt: str, args: Any) -> None:
@@ -97,8 +98,8 @@ def _check_str_call(owner: str, name: str, args: tuple[Any, ...]) -> None:
         size = args[0] if args and isinstance(args[0], int) else 8
         _too_big(len(owner) + owner.count("\t") * size)
     elif name in ("format", "format_map"):
-        spec_numbers = (int(n) for n in _FORMAT_NUMBERS.findall(owner))
-        _too_big(max(spec_numbers, default=0))
+        fields = " ".join(_FORMAT_FIELDS.findall(owner))
+        _too_big(max((int(n) for n in _NUMBER.findall(fields)), default=0))
         for value in args:
             if isinstance(value, int) and not isinstance(value, bool):
                 _too_big(abs(value))

@@ -185,9 +185,15 @@ def read_hparams(gguf: GGUFFile, arch: str, *, rope_base_default: float = 10000.
     if value_dim != head_dim:
         raise GGUFError(gguf.path, f"key length {head_dim} != value length {value_dim}")
     _reject_rope_scaling(gguf, arch)
+    n_layer = _positive(gguf, key + "block_count")
+    # Every layer has tensors: a larger count is corrupt (and must not size any loop).
+    if n_layer > len(gguf.tensors):
+        raise GGUFError(
+            gguf.path, f"block count {n_layer} exceeds the file's {len(gguf.tensors)} tensors"
+        )
     return HParams(
         arch=arch,
-        n_layer=_positive(gguf, key + "block_count"),
+        n_layer=n_layer,
         n_embd=n_embd,
         n_head=n_head,
         n_head_kv=n_head_kv,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+from array import array
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
@@ -137,7 +138,8 @@ class GGUFArray(Sequence[Any]):
         self.elem_type = elem_type
         self._count = count
         self._start = start  # offset of the first item
-        self._item_offsets: list[int] | None = None  # string arrays: offset of each length field
+        # String arrays: file offset of each item's length field, filled on first use.
+        self._item_offsets: array[int] | None = None
 
     def __len__(self) -> int:
         return self._count
@@ -171,7 +173,7 @@ class GGUFArray(Sequence[Any]):
         buf = self._owner._buffer()
         at = offsets[index]
         n = _U64.unpack_from(buf, at)[0]
-        return bytes(buf[at + 8 : at + 8 + n])
+        return buf[at + 8 : at + 8 + n]
 
     def to_list(self) -> list[Any]:
         if self.elem_type == GGUFValueType.STRING:
@@ -182,9 +184,8 @@ class GGUFArray(Sequence[Any]):
             return [bool(v) for v in values]
         return values
 
-    def iter_bytes(self) -> Iterator[bytes]:
-        """Every string item's raw bytes, in order."""
-        return iter(self.all_bytes())
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.to_list())
 
     def all_bytes(self) -> list[bytes]:
         """Every string item's raw bytes in one pass (also fills the offset cache)."""
@@ -193,7 +194,7 @@ class GGUFArray(Sequence[Any]):
         buf = self._owner._buffer()
         unpack = _U64.unpack_from
         items: list[bytes] = []
-        offsets: list[int] = []
+        offsets = array("q")
         at = self._start
         for _ in range(self._count):
             n = unpack(buf, at)[0]
@@ -221,12 +222,12 @@ class GGUFArray(Sequence[Any]):
                 self._owner.path, f"item {index} of {_q(self.key)} is not valid UTF-8"
             ) from None
 
-    def _offsets(self) -> list[int]:
+    def _offsets(self) -> array[int]:
         # The walk at open time already proved every length stays inside the file.
         if self._item_offsets is None:
             buf = self._owner._buffer()
             unpack = _U64.unpack_from
-            offsets = []
+            offsets = array("q")
             at = self._start
             for _ in range(self._count):
                 offsets.append(at)

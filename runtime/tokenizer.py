@@ -44,6 +44,7 @@ _SPECIAL_ATTRS = ATTR_CONTROL | ATTR_UNKNOWN  # hidden when decoding without spe
 
 SPACE_MARKER = "\u2581"  # SentencePiece's visible space
 _WORD_CACHE_LIMIT = 200_000
+_LONG_SEGMENT = 64  # SentencePiece segments longer than this are cut further (_unglued)
 
 # Tokens llama.cpp recognises by their text (model files rarely declare them).
 _EOT_NAMES = (
@@ -242,29 +243,37 @@ def _spm_merge(chars: list[str], scores: Sequence[float], vocab: Mapping[str, in
     n = len(text)
     nxt = [*range(1, n), -1]
     prv = list(range(-1, n - 1))
-    heap: list[tuple[float, int, int, int]] = []
-
-    def push(left: int, right: int) -> None:
-        token_id = vocab.get(text[left] + text[right])
-        if token_id is not None:
-            size = len(text[left]) + len(text[right])
-            heapq.heappush(heap, (-scores[token_id], left, right, size))
-
+    get = vocab.get
+    push = heapq.heappush
+    # heap entries: (-score, left, right, length of the merged text when pushed)
+    heap = []
     for i in range(n - 1):
-        push(i, i + 1)
+        token_id = get(text[i] + text[i + 1])
+        if token_id is not None:
+            heap.append((-scores[token_id], i, i + 1, len(text[i]) + len(text[i + 1])))
+    heapq.heapify(heap)
+    pop = heapq.heappop
     while heap:
-        _, left, right, size = heapq.heappop(heap)
+        _, left, right, size = pop(heap)
         a, b = text[left], text[right]
         if not a or not b or len(a) + len(b) != size:
-            continue
-        text[left], text[right] = a + b, ""
+            continue  # one side was merged away or grew since this entry was pushed
+        merged = text[left] = a + b
+        text[right] = ""
         after = nxt[right]
         nxt[left] = after
         if after >= 0:
             prv[after] = left
-            push(left, after)
-        if prv[left] >= 0:
-            push(prv[left], left)
+            c = text[after]
+            token_id = get(merged + c)
+            if token_id is not None:
+                push(heap, (-scores[token_id], left, after, len(merged) + len(c)))
+        before = prv[left]
+        if before >= 0:
+            c = text[before]
+            token_id = get(c + merged)
+            if token_id is not None:
+                push(heap, (-scores[token_id], before, left, len(c) + len(merged)))
     return [t for t in text if t]
 
 
@@ -289,6 +298,7 @@ class Tokenizer:
         self._load_special_ids(md)
         self._detect_special_tokens()
         self._add_extra_eog(extra_eog)
+        self._eog_ids = frozenset(self._eog)  # read per generated token: built once
         self._piece_cache: list[bytes | None] = [None] * self.n_vocab
         self._matchers: dict[bool, _SpecialMatcher] = {}
         self._word_cache: dict[str, list[int]] = {}
@@ -356,11 +366,12 @@ class Tokenizer:
         self.pad_id = _md_token_id(md, key("padding"), None, n)
         self.eot_id = _md_token_id(md, key("eot"), None, n)
         self.eom_id = _md_token_id(md, key("eom"), None, n)
+        # The older prefix/suffix/middle keys, when present, win (llama.cpp reads them last).
         old_names = {"pre": "prefix", "suf": "suffix", "mid": "middle"}
         self._fim: dict[str, int | None] = {}
         for role in _FIM_NAMES:
-            fallback = _md_token_id(md, key(old_names.get(role, "_")), None, n)
-            self._fim[role] = _md_token_id(md, key("fim_" + role), fallback, n)
+            current = _md_token_id(md, key("fim_" + role), None, n)
+            self._fim[role] = _md_token_id(md, key(old_names.get(role, "_")), current, n)
 
     def _detect_special_tokens(self) -> None:
         """Roles found by name, the end-of-generation set, and the attribute fixes that go with
@@ -435,6 +446,7 @@ class Tokenizer:
             while at > 0:
                 glue.add(token[at - 1])
                 at = token.find(SPACE_MARKER, at + 1)
+        self._token_pairs: set[str] | None = None  # built on first long segment
         marker = re.escape(SPACE_MARKER)
         if glue:
             chars = "".join(re.escape(c) for c in sorted(glue))
@@ -446,10 +458,12 @@ class Tokenizer:
 
     @property
     def eog_ids(self) -> frozenset[int]:
-        return frozenset(self._eog)
+        """Ids that end generation: eos/eot/eom, FIM pad/repo/sep, the ones recognised by
+        name (<|im_end|>, <end_of_turn>, <|endoftext|>, ...) and the catalog's extra ones."""
+        return self._eog_ids
 
     def is_eog(self, token_id: int) -> bool:
-        return token_id in self._eog
+        return token_id in self._eog_ids
 
     def is_control(self, token_id: int) -> bool:
         return bool(self._attrs[token_id] & _SPECIAL_ATTRS)
@@ -561,11 +575,29 @@ class Tokenizer:
                 continue
             ids = cache.get(segment)
             if ids is None:
-                ids = self._spm_segment(segment)
+                if len(segment) > _LONG_SEGMENT:
+                    ids = [i for part in self._unglued(segment) for i in self._spm_segment(part)]
+                else:
+                    ids = self._spm_segment(segment)
                 if len(cache) >= _WORD_CACHE_LIMIT:
                     cache.clear()
                 cache[segment] = ids
             out.extend(ids)
+
+    def _unglued(self, segment: str) -> list[str]:
+        """Cut a long segment (text without spaces) wherever two neighbouring characters
+        appear together in no token: no merge can join across such a place."""
+        if self._token_pairs is None:
+            self._token_pairs = {t[i : i + 2] for t in self._tokens for i in range(len(t) - 1)}
+        pairs = self._token_pairs
+        parts = []
+        start = 0
+        for i in range(1, len(segment)):
+            if segment[i - 1 : i + 1] not in pairs:
+                parts.append(segment[start:i])
+                start = i
+        parts.append(segment[start:])
+        return parts
 
     def _spm_segment(self, segment: str) -> list[int]:
         vocab = self._token_to_id
@@ -627,12 +659,15 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
         """Ids -> text. Bytes that do not form UTF-8 become U+FFFD.
 
-        With add_space_prefix (SentencePiece), the space encoding put in front of the first
-        token's text is taken off again, as llama.cpp's detokenizer does.
+        With add_space_prefix (SentencePiece), the space encoding put in front of the text is
+        taken off the first token after an optional leading BOS (llama.cpp strips it only when
+        there is no BOS; this way decode(encode(text)) gives the text back either way).
         """
+        ids = list(ids)
         pieces = [self.token_bytes(t, not skip_special) for t in ids]
-        if pieces and self.add_space_prefix and pieces[0][:1] == b" ":
-            pieces[0] = pieces[0][1:]
+        first_text = 1 if ids[:1] == [self.bos_id] else 0
+        if self.add_space_prefix and pieces[first_text:] and pieces[first_text][:1] == b" ":
+            pieces[first_text] = pieces[first_text][1:]
         return b"".join(pieces).decode("utf-8", "replace")
 
 
@@ -661,13 +696,16 @@ class IncrementalDetokenizer:
         self.tokenizer = tokenizer
         self._special = not skip_special
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        self._first = True
+        self._strip_space = tokenizer.add_space_prefix  # until the first text token is seen
+        self._at_start = True
 
     def push(self, token_id: int) -> str:
         piece = self.tokenizer.token_bytes(token_id, self._special)
-        if self._first:
-            self._first = False
-            if self.tokenizer.add_space_prefix and piece[:1] == b" ":
+        leading_bos = self._at_start and token_id == self.tokenizer.bos_id
+        self._at_start = False
+        if self._strip_space and not leading_bos:
+            self._strip_space = False
+            if piece[:1] == b" ":
                 piece = piece[1:]
         return self._decoder.decode(piece)
 

@@ -175,6 +175,9 @@ def test_tensor_of_wrong_shape(tmp_path: Path) -> None:
 def test_more_layers_than_tensors(tmp_path: Path) -> None:
     extra = {"llama.block_count": (2**31, VT.UINT32)}
     path = write_tiny_model(tmp_path / "m.gguf", extra_kv=extra)
+    assert "block count 2147483648 exceeds the file's 20 tensors" in config_error(path)
+    extra = {"llama.block_count": (3, VT.UINT32)}
+    path = write_tiny_model(tmp_path / "m3.gguf", extra_kv=extra)
     assert "missing tensor 'blk.2.attn_norm.weight'" in config_error(path)
 
 
@@ -182,7 +185,6 @@ def test_more_layers_than_tensors(tmp_path: Path) -> None:
     ("extra", "fragment"),
     [
         ({"llama.attention.head_count": (0, VT.UINT32)}, "must be positive"),
-        ({"llama.attention.head_count_kv": (3, VT.UINT32)}, "not a multiple of n_head_kv"),
         ({"llama.rope.freq_base": (float("nan"), VT.FLOAT32)}, "rope_base"),
         ({"llama.attention.layer_norm_rms_epsilon": (-1.0, VT.FLOAT32)}, "norm_eps"),
         ({"llama.rope.dimension_count": (7, VT.UINT32)}, "n_rot 7"),
@@ -194,6 +196,11 @@ def test_more_layers_than_tensors(tmp_path: Path) -> None:
 def test_invalid_hyperparameters(tmp_path: Path, extra: dict[str, Any], fragment: str) -> None:
     path = write_tiny_model(tmp_path / "m.gguf", extra_kv=extra)
     assert fragment in config_error(path)
+
+
+def test_heads_not_grouped_evenly(tmp_path: Path) -> None:
+    path = write_tiny_model(tmp_path / "m.gguf", n_head_kv=3)
+    assert "invalid model config: n_head 4 is not a multiple of n_head_kv 3" in config_error(path)
 
 
 # -- ModelConfig checks itself -------------------------------------------------------------
@@ -235,12 +242,12 @@ def test_model_config_is_frozen(base_config: ModelConfig) -> None:
 
 
 def test_opening_and_config_stay_light() -> None:
-    # `llmapp show` and the store open files without the kernels (or even numpy) loading.
+    # `llmapp show` and the store open files without the kernels, torch or the oracle loading.
     code = (
         "import sys\n"
         "from llmapp.runtime.config import load_config\n"
         "from llmapp.runtime.gguf_file import GGUFFile\n"
-        "print(sorted(m for m in ('numba', 'numpy', 'gguf', 'torch') if m in sys.modules))\n"
+        "print(sorted(m for m in ('numba', 'gguf', 'torch') if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -601,6 +601,27 @@ def test_random_byte_mutations(
     exercise(write_bytes(tmp_path, data, "mutated.gguf"))
 
 
+U32_KEYS = [
+    "llama.block_count",
+    "llama.context_length",
+    "llama.embedding_length",
+    "llama.feed_forward_length",
+    "llama.attention.head_count",
+    "llama.attention.head_count_kv",
+    "general.file_type",
+]
+
+
+@FUZZ
+@given(key=st.sampled_from(U32_KEYS), value=st.integers(0, 2**32 - 1), as_type=st.integers(0, 13))
+def test_random_hyperparameters(tmp_path: Path, key: str, value: int, as_type: int) -> None:
+    # Aim at the config: any count or width, declared as any value type.
+    data = bytearray(tiny_model_bytes())
+    at = after_string(data, key)
+    struct.pack_into("<II", data, at, as_type if as_type < 13 else int(VT.UINT32), value)
+    exercise(write_bytes(tmp_path, data, "hparams.gguf"))
+
+
 # -- the three real models agree with gguf.GGUFReader ----------------------------------------
 
 

@@ -1,0 +1,212 @@
+"""Packed weights against gguf-py's dequantizer, and both matmul paths against numpy."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+from gguf.quants import dequantize, quantize
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from llmapp.kernels_cpu import matmul as mm
+
+BLOCK32 = (mm.Q4_0, mm.Q4_1, mm.Q5_0, mm.Q5_1, mm.Q8_0)
+ALL_TYPES = mm.SUPPORTED_TYPES
+
+
+def type_name(kind: int) -> str:
+    return gguf.GGMLQuantizationType(kind).name
+
+
+def make_raw(kind: int, n_rows: int, row_len: int, seed: int = 0) -> np.ndarray:
+    """Raw rows of a type: the gguf quantizer where it has one, else random bytes (K-quants,
+    IQ4_NL) with small finite f16 scale fields."""
+    rng = np.random.default_rng(seed)
+    if kind in mm.FLOAT_TYPES:
+        w = rng.standard_normal((n_rows, row_len)).astype(np.float32)
+        if kind == mm.F32:
+            return w.view(np.uint8)
+        if kind == mm.F16:
+            return w.astype(np.float16).view(np.uint8)
+        return (w.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)
+    if kind in BLOCK32:
+        w = rng.standard_normal((n_rows, row_len)).astype(np.float32)
+        return quantize(w, gguf.GGMLQuantizationType(kind))
+    spec = mm.QUANT_SPECS[kind]
+    nb = row_len // spec.block
+    raw = rng.integers(0, 256, size=(n_rows, nb, spec.nbytes), dtype=np.uint8)
+    for off in spec.halves:
+        half = (rng.random((n_rows, nb)) * 0.01 + 0.001).astype(np.float16)
+        raw[:, :, off : off + 2] = half.view(np.uint8).reshape(n_rows, nb, 2)
+    return raw.reshape(n_rows, nb * spec.nbytes)
+
+
+def oracle(raw: np.ndarray, kind: int) -> np.ndarray:
+    return dequantize(raw, gguf.GGMLQuantizationType(kind)).astype(np.float32)
+
+
+@pytest.fixture(scope="module", params=ALL_TYPES, ids=type_name)
+def packed(request: pytest.FixtureRequest) -> tuple[int, np.ndarray, mm.PackedWeight]:
+    kind = request.param
+    raw = make_raw(kind, 45, 512)  # 45 rows: the last tile is partial
+    return kind, raw, mm.pack_weight(raw, kind, 512)
+
+
+def test_unpack_equals_gguf_dequantize(packed: tuple[int, np.ndarray, mm.PackedWeight]) -> None:
+    kind, raw, w = packed
+    np.testing.assert_array_equal(mm.unpack_weight(w), oracle(raw, kind))
+
+
+def test_layout_fields(packed: tuple[int, np.ndarray, mm.PackedWeight]) -> None:
+    kind, _, w = packed
+    assert (w.ggml_type, w.n_rows, w.row_len, w.n_tiles) == (kind, 45, 512, 2)
+    if kind in mm.FLOAT_TYPES:
+        assert w.is_float and w.qs.shape == (2, 0)
+    else:
+        spec = mm.QUANT_SPECS[kind]
+        assert w.group == spec.group and w.has_min == spec.has_min
+        assert w.qs.shape == (2, 512 * mm.TILE) and w.qs.dtype == np.int8
+        assert w.scales.shape == (2, 512 // spec.group * mm.TILE)
+
+
+def quantized_input(x: np.ndarray) -> np.ndarray:
+    """x as the int8 path sees it: int8 blocks of 32 times their scale."""
+    xq, xs, _ = mm.quantize_activations(x)
+    return xq.astype(np.float32) * np.repeat(xs, 32, axis=1)
+
+
+def assert_close(got: np.ndarray, want: np.ndarray, rel: float) -> None:
+    scale = float(np.abs(want).max())
+    assert float(np.abs(got - want).max()) <= rel * scale
+
+
+def assert_within_activation_error(got: np.ndarray, x: np.ndarray, wf: np.ndarray) -> None:
+    """|error| <= sum_k |W[n, k]| * (half an int8 step of x's block k), element by element."""
+    _, xs, _ = mm.quantize_activations(x)
+    half_step = np.repeat(xs, 32, axis=1) * 0.5
+    bound = half_step.astype(np.float64) @ np.abs(wf.astype(np.float64)).T
+    want = mm.matmul_ref(x, wf)
+    assert np.all(np.abs(got - want) <= bound * 1.01 + 1e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("m_rows", [1, 3, 5])
+def test_int_path(packed: tuple[int, np.ndarray, mm.PackedWeight], m_rows: int) -> None:
+    kind, raw, w = packed
+    wf = oracle(raw, kind)
+    x = np.random.default_rng(m_rows).standard_normal((m_rows, 512)).astype(np.float32)
+    got = mm.matmul(x, w, path="int")
+    if w.is_float:  # float weights always take the float path
+        assert_close(got, mm.matmul_ref(x, wf), 1e-5)
+        return
+    # Exact up to float rounding against the quantized activations it really used ...
+    assert_close(got, mm.matmul_ref(quantized_input(x), wf), 1e-5)
+    # ... and within int8 activation error of the float product.
+    assert_within_activation_error(got, x, wf)
+
+
+@pytest.mark.parametrize("m_rows", [1, 6, 64, 70])
+def test_float_path(packed: tuple[int, np.ndarray, mm.PackedWeight], m_rows: int) -> None:
+    kind, raw, w = packed
+    x = np.random.default_rng(m_rows).standard_normal((m_rows, 512)).astype(np.float32)
+    got = mm.matmul(x, w, path="float")
+    assert got.shape == (m_rows, 45)
+    assert_close(got, mm.matmul_ref(x, oracle(raw, kind)), 1e-5)
+
+
+def test_auto_path_picks_by_rows() -> None:
+    raw = make_raw(mm.Q8_0, 64, 256)
+    w = mm.pack_weight(raw, mm.Q8_0, 256)
+    x = np.random.default_rng(0).standard_normal((mm.MANY_ROWS, 256)).astype(np.float32)
+    np.testing.assert_array_equal(mm.matmul(x, w), mm.matmul(x, w, path="float"))
+    np.testing.assert_array_equal(mm.matmul(x[:2], w), mm.matmul(x[:2], w, path="int"))
+
+
+def test_out_argument_and_strided_input() -> None:
+    raw = make_raw(mm.Q4_0, 64, 256)
+    w = mm.pack_weight(raw, mm.Q4_0, 256)
+    big = np.random.default_rng(1).standard_normal((3, 512)).astype(np.float32)
+    x = big[:, ::2]  # not contiguous
+    out = np.full((3, 64), np.nan, np.float32)
+    res = mm.matmul(x, w, out=out)
+    assert res is out
+    np.testing.assert_array_equal(out, mm.matmul(np.ascontiguousarray(x), w))
+
+
+def test_odd_float_row_length() -> None:
+    # F32 rows need no block: K = 37 is padded inside the tile.
+    w_float = np.random.default_rng(2).standard_normal((33, 37)).astype(np.float32)
+    w = mm.pack_weight(w_float.view(np.uint8), mm.F32, 37)
+    x = np.random.default_rng(3).standard_normal((2, 37)).astype(np.float32)
+    np.testing.assert_array_equal(mm.unpack_weight(w), w_float)
+    assert_close(mm.matmul(x, w), mm.matmul_ref(x, w_float), 1e-5)
+
+
+def test_readonly_memmap_like_input() -> None:
+    raw = make_raw(mm.Q6_K, 32, 256)
+    ro = raw.copy()
+    ro.setflags(write=False)
+    w = mm.pack_weight(ro, mm.Q6_K, 256)
+    np.testing.assert_array_equal(mm.unpack_weight(w), oracle(raw, mm.Q6_K))
+
+
+def test_concat_packed_matches_parts() -> None:
+    a = mm.pack_weight(make_raw(mm.Q5_0, 64, 256, 1), mm.Q5_0, 256)
+    b = mm.pack_weight(make_raw(mm.Q8_0, 32, 256, 2), mm.Q8_0, 256)
+    ab = mm.concat_packed([a, b])
+    assert ab.n_rows == 96 and ab.ggml_type == -1
+    x = np.random.default_rng(4).standard_normal((1, 256)).astype(np.float32)
+    np.testing.assert_array_equal(mm.matmul(x, ab), np.hstack([mm.matmul(x, a), mm.matmul(x, b)]))
+    with pytest.raises(ValueError):
+        mm.concat_packed([a, mm.pack_weight(make_raw(mm.Q4_1, 32, 256), mm.Q4_1, 256)])
+
+
+def test_quantize_activations() -> None:
+    x = np.random.default_rng(5).standard_normal((2, 64)).astype(np.float32) * 3
+    x[1, :32] = 0  # an all-zero block
+    xq, xs, xsum = mm.quantize_activations(x, group=16)
+    assert xq.dtype == np.int8 and np.abs(xq).max() <= 127
+    assert xs[1, 0] == 0 and not xq[1, :32].any()
+    deq = xq.astype(np.float32) * np.repeat(xs, 32, axis=1)
+    assert np.all(np.abs(deq - x) <= np.repeat(xs, 32, axis=1) * 0.5 + 1e-6)
+    np.testing.assert_allclose(xsum, deq.reshape(2, 4, 16).sum(axis=2), rtol=1e-5, atol=1e-5)
+
+
+def test_rejects_bad_input() -> None:
+    raw = make_raw(mm.Q4_0, 4, 64)
+    with pytest.raises(ValueError):
+        mm.pack_weight(raw, mm.Q4_0, 96)  # wrong row bytes
+    with pytest.raises(ValueError):
+        mm.pack_weight(raw, 99, 64)  # unknown type
+    with pytest.raises(ValueError):
+        mm.pack_weight(raw[:, :17], mm.Q4_0, 33)  # not a multiple of the block
+    w = mm.pack_weight(raw, mm.Q4_0, 64)
+    with pytest.raises(ValueError):
+        mm.matmul(np.zeros((1, 32), np.float32), w)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    kind=st.sampled_from([mm.Q4_K, mm.Q2_K, mm.Q5_1, mm.IQ4_NL, mm.BF16]),
+    n_rows=st.integers(1, 70),
+    n_blocks=st.integers(1, 3),
+    m_rows=st.integers(1, 9),
+)
+def test_shapes(kind: int, n_rows: int, n_blocks: int, m_rows: int) -> None:
+    row_len = 256 * n_blocks
+    raw = make_raw(kind, n_rows, row_len, seed=n_rows)
+    w = mm.pack_weight(raw, kind, row_len)
+    wf = oracle(raw, kind)
+    x = np.random.default_rng(m_rows).standard_normal((m_rows, row_len)).astype(np.float32)
+    assert_close(mm.matmul(x, w, path="float"), mm.matmul_ref(x, wf), 1e-5)
+    assert_within_activation_error(mm.matmul(x, w, path="int"), x, wf)
+
+
+@pytest.mark.parametrize("m_rows", [1, 64])
+def test_threaded_split_matches_reference(m_rows: int) -> None:
+    # Big enough for the parallel kernels (> SERIAL_MACS); 7 tiles split over the threads.
+    raw = make_raw(mm.Q4_K, 200, 2048)
+    w = mm.pack_weight(raw, mm.Q4_K, 2048)
+    assert m_rows * 200 * 2048 >= mm.SERIAL_MACS
+    x = np.random.default_rng(9).standard_normal((m_rows, 2048)).astype(np.float32)
+    want = mm.matmul_ref(quantized_input(x) if m_rows < mm.MANY_ROWS else x, oracle(raw, mm.Q4_K))
+    assert_close(mm.matmul(x, w), want, 1e-5)
