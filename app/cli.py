@@ -18,7 +18,9 @@ def _command_modules() -> list[ModuleType]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llmapp", description="Local LLM inference on GGUF models.")
+    parser = argparse.ArgumentParser(
+        prog="llmapp", description="Local LLM inference on GGUF models."
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in _command_modules():
         module.add_parser(sub)

@@ -53,7 +53,9 @@ class OurBench:
 
     def _fresh(self) -> tuple[KVCacheManager, SequenceBlocks]:
         r = self.runner
-        return KVCacheManager(r.num_blocks, r.block_size, enable_prefix_cache=False), SequenceBlocks()
+        return KVCacheManager(
+            r.num_blocks, r.block_size, enable_prefix_cache=False
+        ), SequenceBlocks()
 
     def prefill(self, n: int, n_batch: int = 512) -> tuple[int, float]:
         ids = random_tokens(n, self.n_vocab)
@@ -63,7 +65,9 @@ class OurBench:
         for done in range(0, n, n_batch):
             end = min(done + n_batch, n)
             want = 1 if end == n else 0
-            self.runner.forward(build_batch([(ids[:end], done, seq.block_table, want)], self.runner.block_size))
+            self.runner.forward(
+                build_batch([(ids[:end], done, seq.block_table, want)], self.runner.block_size)
+            )
         return n, time.perf_counter() - start
 
     def decode(self, n: int) -> tuple[int, float]:
@@ -86,8 +90,12 @@ class PeerBench:
         import llama_cpp
 
         self.llm = llama_cpp.Llama(
-            model_path=str(path), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
-            n_batch=512, verbose=False,
+            model_path=str(path),
+            n_ctx=n_ctx,
+            n_threads=n_threads,
+            n_threads_batch=n_threads,
+            n_batch=512,
+            verbose=False,
         )
         self.n_vocab = self.llm.n_vocab()
 
@@ -110,7 +118,9 @@ class PeerBench:
         return n, time.perf_counter() - start
 
 
-def run_bench(bench: OurBench | PeerBench, prompts: list[int], n_gen: int, repeats: int) -> BenchResult:
+def run_bench(
+    bench: OurBench | PeerBench, prompts: list[int], n_gen: int, repeats: int
+) -> BenchResult:
     bench.prefill(min(prompts))  # warm-up: compile, page in the weights
     result = BenchResult()
     for p in prompts:

@@ -12,7 +12,8 @@ import asyncio
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence as Seq
+from collections.abc import AsyncIterator, Iterator
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from llmapp.runtime.kv_cache import KVCacheManager
 from llmapp.runtime.metrics import EngineMetrics
 from llmapp.runtime.model_runner import ModelRunner, RunnerOptions
 from llmapp.runtime.sampling import SamplingParams, StopMatcher, check_finish, make_sampler
-from llmapp.runtime.scheduler import Scheduler, SchedulerConfig, Sequence, SeqStatus
+from llmapp.runtime.scheduler import Scheduler, SchedulerConfig, Sequence
 from llmapp.runtime.tokenizer import IncrementalDetokenizer, Tokenizer
 
 

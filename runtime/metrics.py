@@ -62,7 +62,9 @@ class EngineMetrics:
         with self._lock:
             self.itl.observe(seconds)
 
-    def snapshot(self, running: int, waiting: int, kv_usage: float, prefix: dict[str, int]) -> dict[str, Any]:
+    def snapshot(
+        self, running: int, waiting: int, kv_usage: float, prefix: dict[str, int]
+    ) -> dict[str, Any]:
         with self._lock:
             return {
                 "running": running,

@@ -57,7 +57,11 @@ def chunk_logits(runner: ModelRunner, ids: list[int], first: int, n_batch: int) 
 
 
 def perplexity(
-    runner: ModelRunner, tokenizer: Tokenizer, text: str, ctx: int = 256, chunks: int = -1,
+    runner: ModelRunner,
+    tokenizer: Tokenizer,
+    text: str,
+    ctx: int = 256,
+    chunks: int = -1,
     n_batch: int = 512,
 ) -> PerplexityResult:
     tokens = tokenizer.encode(text, add_bos=None)
@@ -66,7 +70,9 @@ def perplexity(
             f"the text has {len(tokens)} tokens; perplexity with --ctx {ctx} needs at least {2 * ctx}"
         )
     if ctx > runner.num_blocks * runner.block_size:
-        raise LlmappError(f"--ctx {ctx} exceeds the KV cache ({runner.num_blocks * runner.block_size})")
+        raise LlmappError(
+            f"--ctx {ctx} exceeds the KV cache ({runner.num_blocks * runner.block_size})"
+        )
     n_chunk = len(tokens) // ctx if chunks < 0 else min(chunks, len(tokens) // ctx)
     first = ctx // 2
     nll = 0.0

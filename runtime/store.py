@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 import platformdirs
+
 from llmapp.runtime.errors import ModelNotFoundError, StoreError
 
 # What a pull reports: (what is happening, bytes written so far, total bytes of the model).

@@ -80,8 +80,13 @@ def sampling_params(args: argparse.Namespace) -> Any:
     from llmapp.runtime.sampling import SamplingParams
 
     return SamplingParams(
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-        repeat_penalty=args.repeat_penalty, seed=args.seed, max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repeat_penalty=args.repeat_penalty,
+        seed=args.seed,
+        max_tokens=args.max_tokens,
         stop=tuple(args.stop),
     )
 
@@ -102,7 +107,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         prompt: Any = text
         if not args.raw:
-            prompt = ([{"role": "system", "content": args.system}] if args.system else [])
+            prompt = [{"role": "system", "content": args.system}] if args.system else []
             prompt.append({"role": "user", "content": text})
         stream = engine.submit(prompt, params)
         pieces: list[str] = []
@@ -173,7 +178,9 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"ppl": result.ppl, "tokens": result.tokens, "chunks": result.chunks}))
     else:
-        print(f"perplexity: {result.ppl:.4f} ({result.chunks} chunks of {args.ctx}, {result.tokens} tokens)")
+        print(
+            f"perplexity: {result.ppl:.4f} ({result.chunks} chunks of {args.ctx}, {result.tokens} tokens)"
+        )
     return 0
 
 
@@ -196,7 +203,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         try:
             peer_bench = PeerBench(path, threads, ctx)
         except ImportError as exc:
-            raise LlmappError("--peer needs llama-cpp-python (pip install llama-cpp-python)") from exc
+            raise LlmappError(
+                "--peer needs llama-cpp-python (pip install llama-cpp-python)"
+            ) from exc
         peer = run_bench(peer_bench, prompts, args.n_gen, args.repeats)
         out["peer"] = {"name": "llama.cpp", **peer.as_dict(), "ratios": ratios(ours, peer)}
     print_bench(out, args.json)
@@ -204,7 +213,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def ratios(ours: Any, peer: Any) -> dict[str, Any]:
-    pre = {k: round(v / peer.prefill_tps[k], 3) for k, v in ours.prefill_tps.items() if peer.prefill_tps.get(k)}
+    pre = {
+        k: round(v / peer.prefill_tps[k], 3)
+        for k, v in ours.prefill_tps.items()
+        if peer.prefill_tps.get(k)
+    }
     dec = round(ours.decode_tps / peer.decode_tps, 3) if peer.decode_tps else None
     return {"prefill": pre, "decode": dec}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Any
 
 from ..config import (
     HParams,
@@ -15,6 +16,14 @@ from ..config import (
 )
 from ..errors import GGUFError
 from ..gguf_file import GGUFArray, GGUFFile
+from .llama import attention_block, output_head
+
+if TYPE_CHECKING:
+    from numpy import ndarray as Array
+
+    from ..backend import Backend
+    from ..batch import ForwardBatch
+    from ..weights import Weights
 
 # -- config ----------------------------------------------------------------------------------
 
@@ -79,3 +88,28 @@ def _attn_scale(gguf: GGUFFile, hp: HParams) -> float:
     if hp.n_layer == N_LAYER_27B:
         return 1.0 / math.sqrt(hp.n_embd / hp.n_head)
     return 1.0 / math.sqrt(hp.head_dim)
+
+
+# ---- forward -------------------------------------------------------------------------------
+# Quirks live here: scaled input embeddings, q/k head norms, post-attention and post-FFN
+# norms before each residual add, GELU-tanh gating, and per-layer sliding windows with their
+# own RoPE base. The GGUF norm weights already include Gemma's +1.
+
+
+def forward(
+    cfg: ModelConfig, weights: Weights, batch: ForwardBatch, kv_layers: list[Any], be: Backend
+) -> Array:
+    """Logits [len(batch.logits_rows), n_vocab] for a batch of sequences."""
+    emb = weights.token_embd
+    x = be.embed(emb.data, emb.ggml_type, emb.row_len, batch.token_ids)  # [T, n_embd]
+    x *= x.dtype.type(cfg.embed_scale)
+    for il, layer in enumerate(weights.layers):
+        base = cfg.rope_base_for(il)
+        window = (cfg.sliding_window or 0) if cfg.layer_sliding[il] else 0
+        h = be.rms_norm(x, layer["attn_norm"], cfg.norm_eps)
+        a = attention_block(cfg, be, layer, h, batch, kv_layers[il], base, window)
+        x += be.rms_norm(a, layer["post_attention_norm"], cfg.norm_eps)
+        h = be.rms_norm(x, layer["ffn_norm"], cfg.norm_eps)
+        act = be.gelu_tanh_mul(be.matmul(h, layer["ffn_gate"]), be.matmul(h, layer["ffn_up"]))
+        x += be.rms_norm(be.matmul(act, layer["ffn_down"]), layer["post_ffw_norm"], cfg.norm_eps)
+    return output_head(cfg, weights, x[batch.logits_rows], be)

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from ..config import ModelConfig, build_config, check_tensors, read_hparams, standard_tensor_shapes
 from ..errors import GGUFError
 from ..gguf_file import GGUFFile
+
+if TYPE_CHECKING:  # the forward pass needs no import at config time
+    from numpy import ndarray as Array
+
+    from ..backend import Backend
+    from ..batch import ForwardBatch
+    from ..weights import Weights
 
 # -- config ----------------------------------------------------------------------------------
 
@@ -19,3 +28,60 @@ def config_from_gguf(gguf: GGUFFile) -> ModelConfig:
     check_tensors(gguf, standard_tensor_shapes(hp, gguf))
     # The converter permutes Q/K rows for llama, so RoPE rotates adjacent pairs.
     return build_config(gguf, hp, rope_type="normal")
+
+
+# ---- forward -------------------------------------------------------------------------------
+
+
+def _project(be: Backend, h: Array, layer: dict[str, Any], name: str) -> Array:
+    out = be.matmul(h, layer[name])
+    bias = layer.get(name + ".bias")
+    if bias is not None:
+        out += bias
+    return out
+
+
+def attention_block(
+    cfg: ModelConfig,
+    be: Backend,
+    layer: dict[str, Any],
+    h: Array,
+    batch: ForwardBatch,
+    kv: Any,
+    rope_base: float,
+    window: int,
+) -> Array:
+    """Q/K/V projections, RoPE, paged attention and the output projection. h: [T, n_embd]."""
+    t = h.shape[0]
+    q = _project(be, h, layer, "attn_q").reshape(t, cfg.n_head, cfg.head_dim)
+    k = _project(be, h, layer, "attn_k").reshape(t, cfg.n_head_kv, cfg.head_dim)
+    v = _project(be, h, layer, "attn_v").reshape(t, cfg.n_head_kv, cfg.head_dim)
+    if "attn_q_norm" in layer:
+        q = be.head_rms_norm(q, layer["attn_q_norm"], cfg.norm_eps)
+        k = be.head_rms_norm(k, layer["attn_k_norm"], cfg.norm_eps)
+    neox = cfg.rope_type == "neox"
+    be.rope(q, batch.positions, rope_base, cfg.n_rot, neox)
+    be.rope(k, batch.positions, rope_base, cfg.n_rot, neox)
+    be.write_kv(kv, k, v, batch.slot_mapping)
+    attn = be.attention(q, kv, batch, cfg.attn_scale, window)
+    return be.matmul(attn.reshape(t, cfg.n_head * cfg.head_dim), layer["attn_output"])
+
+
+def forward(
+    cfg: ModelConfig, weights: Weights, batch: ForwardBatch, kv_layers: list[Any], be: Backend
+) -> Array:
+    """Logits [len(batch.logits_rows), n_vocab] for a batch of sequences."""
+    emb = weights.token_embd
+    x = be.embed(emb.data, emb.ggml_type, emb.row_len, batch.token_ids)  # [T, n_embd]
+    for il, layer in enumerate(weights.layers):
+        h = be.rms_norm(x, layer["attn_norm"], cfg.norm_eps)
+        x += attention_block(cfg, be, layer, h, batch, kv_layers[il], cfg.rope_base, 0)
+        h = be.rms_norm(x, layer["ffn_norm"], cfg.norm_eps)
+        act = be.swiglu(be.matmul(h, layer["ffn_gate"]), be.matmul(h, layer["ffn_up"]))
+        x += be.matmul(act, layer["ffn_down"])
+    return output_head(cfg, weights, x[batch.logits_rows], be)
+
+
+def output_head(cfg: ModelConfig, weights: Weights, x: Array, be: Backend) -> Array:
+    h = be.rms_norm(x, weights.output_norm, cfg.norm_eps)
+    return be.matmul(h, weights.output)

@@ -11,6 +11,9 @@ from ..config import (
     standard_tensor_shapes,
 )
 from ..gguf_file import GGUFFile
+from .llama import forward
+
+__all__ = ["ARCH", "config_from_gguf", "forward"]  # forward: llama's, biases come with the weights
 
 # -- config ----------------------------------------------------------------------------------
 
