@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 
 import numpy as np
+
 from llmapp.kernels_cpu import matmul as mm
 from llmapp.kernels_cpu import threads
 
@@ -116,6 +117,61 @@ def bench_case(name: str, ggml_type: int, k: int, n: int, rows: tuple[int, ...])
         )
 
 
+def qwen_layer_weights(layer: int) -> dict[str, mm.PackedWeight]:
+    """One Qwen2.5-0.5B layer with the file's types (K=896 rows cannot hold K-quants)."""
+    down = mm.Q6_K if layer % 3 == 0 else mm.Q4_K
+    shapes = {
+        "q": (mm.Q5_0, 896, 896),
+        "k": (mm.Q5_0, 896, 128),
+        "v": (mm.Q8_0, 896, 128),
+        "o": (mm.Q5_0, 896, 896),
+        "gate": (mm.Q5_0, 896, 4864),
+        "up": (mm.Q5_0, 896, 4864),
+        "down": (down, 4864, 896),
+    }
+    return {
+        name: mm.pack_weight(random_raw(kind, n, k, seed=layer), kind, k)
+        for name, (kind, k, n) in shapes.items()
+    }
+
+
+def decode_step(n_layers: int = 24) -> None:
+    """All matmuls of one Qwen2.5-0.5B decode step, every weight read from memory once."""
+    layers = [qwen_layer_weights(i) for i in range(n_layers)]
+    head = mm.pack_weight(random_raw(mm.Q8_0, 151936, 896), mm.Q8_0, 896)
+    fused = []
+    for w in layers:
+        qkv = mm.concat_packed([w["q"], w["k"], w["v"]])
+        fused.append((qkv, w["o"], mm.concat_packed([w["gate"], w["up"]]), w["down"]))
+    x = np.random.default_rng(3).standard_normal((1, 896), dtype=np.float32)
+    h = np.random.default_rng(4).standard_normal((1, 4864), dtype=np.float32)
+
+    def separate() -> None:
+        for w in layers:
+            for name in ("q", "k", "v", "o", "gate", "up"):
+                mm.matmul(x, w[name])
+            mm.matmul(h, w["down"])
+        mm.matmul(x, head)
+
+    def grouped() -> None:
+        for qkv, o, gate_up, down in fused:
+            mm.matmul(x, qkv)
+            mm.matmul(x, o)
+            mm.matmul(x, gate_up)
+            mm.matmul(h, down)
+        mm.matmul(x, head)
+
+    n_bytes = head.nbytes + sum(p.nbytes for w in layers for p in w.values())
+    runs = [("separate", separate, 7 * n_layers + 1)]
+    runs.append(("q|k|v, gate|up fused", grouped, 4 * n_layers + 1))
+    for name, fn, calls in runs:
+        t = best_time(fn, 2.0)
+        print(
+            f"decode step, {name:21} {calls:3} calls: {t * 1e3:6.2f} ms"
+            f"  ({n_bytes / t / 1e9:4.1f} GB/s of {n_bytes / 1e6:.0f} MB packed weights)"
+        )
+
+
 _COMPILE_PROBE = """
 import time
 t = time.perf_counter()
@@ -161,6 +217,8 @@ def main() -> None:
         if args.quick and n > 100_000:
             continue
         bench_case(name, kind, k, n, rows if n < 100_000 else (8,))
+    if not args.quick:
+        decode_step()
     print(f"threading layer {threads.threading_layer()}")
     if not args.no_compile:
         cold, warm = compile_times()

@@ -115,9 +115,7 @@ def _paged_attention(
             lo = max(0, pos - window + 1) if window > 0 else 0
             table = tables[s]
             kvh = h // group
-            _attend_one(
-                q[t, h], k_cache, v_cache, table, kvh, lo, hi, scale, work, acc, out[t, h]
-            )
+            _attend_one(q[t, h], k_cache, v_cache, table, kvh, lo, hi, scale, work, acc, out[t, h])
 
 
 def _check_shapes(q: np.ndarray, k_cache: np.ndarray, query_start_loc: np.ndarray) -> None:

@@ -20,8 +20,11 @@ Paths (both use the tiles):
   per-group sums for the mins), int32 accumulators, one float multiply-add per group.
 - many rows (prompts, batches): each tile is dequantized to float once into a thread-local
   buffer and a float FMA kernel runs all rows against it, 4 rows per pass.
-BLAS is not used: OpenBLAS's own threads spin after each call and would fight the Numba
-threads for the 2 cores.
+BLAS is not used: it is ~10% faster at M >= 128 on an idle machine, but OpenBLAS's own threads
+spin after each call and fight the Numba threads for the 2 cores (with the second core busy a
+BLAS call here took 24-130 ms instead of 0.5-5).
+Decode is bound by memory, not by these kernels: a Qwen2.5-0.5B step reads 569 MB of packed
+weights (1.45x the file's matrices), so layout size is speed there.
 """
 
 from __future__ import annotations
@@ -36,9 +39,9 @@ from . import threads as _threads  # threading layer set before any parallel ker
 TILE = 32
 """Output rows per tile (SIMD lanes of the kernels)."""
 KC = 8
+"""Columns per step of the float kernel; float tiles pad K to a multiple of it."""
 SERIAL_MACS = 1 << 18
 """Below this many multiply-adds a matmul runs on the calling thread (~5 us of work)."""
-"""Columns per step of the float kernel; float tiles pad K to a multiple of it."""
 MANY_ROWS = 64
 """From this many activation rows on, the float (dequantize-tile) path is used: measured on one
 thread, the int8 path holds ~50 Gmac/s per row at any M, the float path overtakes it at M ~48-64
@@ -417,14 +420,8 @@ def _quantize_rows(x, group, xq, xs, xsum):
             xsum[m, g] = xs[m, g * group // 32] * np.float32(s)
 
 
-def quantize_activations(
-    x: np.ndarray, group: int = 32, with_sums: bool = True
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """x float32 [M, K] -> (int8 [M, K], scales float32 [M, K/32], group sums float32 [M, K/G]).
-
-    Group sums are sum(x) over each group of the weight's G as the kernel will see it
-    (scale * sum of the int8 values), for the mins of asymmetric types.
-    """
+@njit(cache=True)
+def _quantize(x, group, with_sums):
     m_rows, k = x.shape
     xq = np.empty((m_rows, k), np.int8)
     xs = np.empty((m_rows, k // 32), np.float32)
@@ -433,10 +430,24 @@ def quantize_activations(
     return xq, xs, xsum
 
 
+def quantize_activations(
+    x: np.ndarray, group: int = 32, with_sums: bool = True
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """x float32 [M, K] -> (int8 [M, K], scales float32 [M, K/32], group sums float32 [M, K/G]).
+
+    Group sums are sum(x) over each group of the weight's G as the kernel will see it
+    (scale * sum of the int8 values), for the mins of asymmetric types.
+    """
+    xq, xs, xsum = _quantize(np.ascontiguousarray(x, dtype=np.float32), group, with_sums)
+    return xq, xs, xsum
+
+
 # ---------------------------------------------------------------------------------------------
 # Few rows: integer dot products over a tile. The inner j loop has a constant trip count and is
-# unrolled, leaving the loop over the TILE lanes innermost, which LLVM vectorizes.
-# Accumulators are truncated to int32 at every step: Numba types int products as int64.
+# unrolled, leaving the loop over the TILE lanes innermost, which LLVM vectorizes (inspect_asm:
+# vpbroadcastb + vpmovsxbd + vpmulld + vpaddd on zmm; Numba's IR never yields vpmaddwd or
+# vpdpbusd here). Accumulators are truncated to int32 at every step: Numba types int products
+# as int64, which would halve the lanes.
 
 
 @njit(cache=True, fastmath=True)
@@ -499,8 +510,16 @@ def _int_tiles(xq, xs, xsum, wq, ws, wm, group, n_rows, out, t0, t1):
             out[m, n0 : n0 + nr] = o[:nr]
 
 
+@njit(cache=True)
+def _int_serial(x, wq, ws, wm, group, n_rows, out):
+    # Quantizing inside the compiled call saves a dispatch and three allocations per matmul.
+    xq, xs, xsum = _quantize(x, group, wm.shape[1] > 0)
+    _int_tiles(xq, xs, xsum, wq, ws, wm, group, n_rows, out, 0, wq.shape[0])
+
+
 @njit(cache=True, parallel=True)
-def _int_parallel(xq, xs, xsum, wq, ws, wm, group, n_rows, out, n_workers):
+def _int_parallel(x, wq, ws, wm, group, n_rows, out, n_workers):
+    xq, xs, xsum = _quantize(x, group, wm.shape[1] > 0)  # once, before the threads start
     n_tiles = wq.shape[0]
     for w in prange(n_workers):
         t0 = w * n_tiles // n_workers
@@ -636,12 +655,10 @@ def matmul(
         else:
             _float_parallel(*args_f, workers)
         return out
-    xq, xs, xsum = quantize_activations(x, w.group, w.has_min)
-    args_i = (xq, xs, xsum, w.qs, w.scales, w.mins, w.group, w.n_rows, out)
     if workers == 1:
-        _int_tiles(*args_i, 0, w.n_tiles)
+        _int_serial(x, w.qs, w.scales, w.mins, w.group, w.n_rows, out)
     else:
-        _int_parallel(*args_i, workers)
+        _int_parallel(x, w.qs, w.scales, w.mins, w.group, w.n_rows, out, workers)
     return out
 
 

@@ -64,8 +64,7 @@ class CPUBackend:
         return self._ops.rms_norm(x, w, eps)
 
     def head_rms_norm(self, x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
-        t, h, d = x.shape
-        return self._ops.rms_norm(x.reshape(t * h, d), w, eps).reshape(t, h, d)
+        return self._ops.rms_norm_heads(x, w, eps)
 
     def rope(
         self, x: np.ndarray, positions: np.ndarray, base: float, n_rot: int, neox: bool

@@ -21,13 +21,14 @@ from typing import Any
 import numpy as np
 
 from llmapp.runtime.batch import build_batch
-from llmapp.runtime.chat_template import ChatTemplate
+from llmapp.runtime.chat_template import ChatTemplate, encode_prompt
 from llmapp.runtime.errors import LlmappError
 from llmapp.runtime.kv_cache import KVCacheManager
 from llmapp.runtime.metrics import EngineMetrics
 from llmapp.runtime.model_runner import ModelRunner, RunnerOptions
 from llmapp.runtime.sampling import SamplingParams, StopMatcher, check_finish, make_sampler
 from llmapp.runtime.scheduler import Scheduler, SchedulerConfig, Sequence
+from llmapp.runtime.store import entry_for_path
 from llmapp.runtime.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
@@ -164,8 +165,16 @@ class Engine:
         self.options = options or EngineOptions()
         self.runner = ModelRunner(path, self.options.runner)
         self.config = self.runner.config
-        self.tokenizer = Tokenizer.from_gguf(self.runner.gguf)
-        self.template = ChatTemplate.from_gguf(self.runner.gguf)
+        entry = entry_for_path(path)  # catalog overrides when the file is a catalog model
+        self.tokenizer = Tokenizer.from_gguf(
+            self.runner.gguf, extra_eog=entry.eog_tokens if entry else ()
+        )
+        self.template = ChatTemplate.from_gguf(
+            self.runner.gguf, override=entry.chat_template if entry else None
+        )
+        self.default_stops = tuple(
+            dict.fromkeys((*(entry.stop if entry else ()), *self.template.stop_strings))
+        )
         self.kv = KVCacheManager(
             self.runner.num_blocks, self.runner.block_size, self.options.enable_prefix_cache
         )
@@ -227,8 +236,7 @@ class Engine:
             return self.tokenizer.encode(prompt, add_bos=add_special, parse_special=False)
         if prompt and isinstance(prompt[0], dict):
             text = self.template.render(list(prompt), add_generation_prompt=True)  # type: ignore[arg-type]
-            # The rendered template carries its own BOS when the model wants one.
-            return self.tokenizer.encode(text, add_bos=False, parse_special=True)
+            return encode_prompt(self.tokenizer, text)
         ids = [int(t) for t in prompt]  # type: ignore[union-attr]
         bad = [t for t in ids if not 0 <= t < self.tokenizer.n_vocab]
         if bad:
@@ -289,8 +297,8 @@ class Engine:
             stream=stream,
             params=params,
             sampler=make_sampler(params, self.tokenizer.eog_ids),
-            detok=IncrementalDetokenizer(self.tokenizer),
-            stops=StopMatcher(params.stop),
+            detok=IncrementalDetokenizer(self.tokenizer, skip_special=True),
+            stops=StopMatcher(tuple(dict.fromkeys((*params.stop, *self.default_stops)))),
             submitted=time.perf_counter(),
         )
         stream.seq = seq
