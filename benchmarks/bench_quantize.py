@@ -241,6 +241,7 @@ def compare(src: Path, ftype: str, workdir: Path) -> dict[str, Any]:
 def dequantized_copy(src: Path, dst: Path) -> Path:
     """A real model with every tensor stored as F32 (the float values its blocks encode)."""
     import gguf
+
     from llmapp.kernels_cpu.quants import dequantize
     from llmapp.runtime.gguf_file import GGUFFile
     from llmapp.runtime.quantize import _copy_key, _writer_class

@@ -23,7 +23,7 @@ import numpy as np
 from numba import njit, prange
 
 from . import threads as _threads
-from .ops import _exp_parts
+from .ops import _exp_parts  # cached kernels key on this file only: touch it if that changes
 
 
 @njit(cache=True)

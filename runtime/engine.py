@@ -126,7 +126,9 @@ class RequestStream:
 
     def result(self) -> tuple[str, list[int], Delta]:
         """Drain synchronously: (text, generated ids, last delta)."""
-        text, ids, last = [], [], None
+        text: list[str] = []
+        ids: list[int] = []
+        last: Delta | None = None
         for delta in self:
             text.append(delta.text)
             ids.extend(delta.token_ids)
@@ -237,7 +239,7 @@ class Engine:
         if prompt and isinstance(prompt[0], dict):
             text = self.template.render(list(prompt), add_generation_prompt=True)  # type: ignore[arg-type]
             return encode_prompt(self.tokenizer, text)
-        ids = [int(t) for t in prompt]  # type: ignore[union-attr]
+        ids = [int(t) for t in prompt]  # type: ignore[arg-type]
         bad = [t for t in ids if not 0 <= t < self.tokenizer.n_vocab]
         if bad:
             raise RequestError(
@@ -353,7 +355,7 @@ class Engine:
         emit, stopped = state.stops.feed(text)
         if stopped:
             reason = "stop"
-        logprob = ()
+        logprob: tuple[TokenLogprob, ...] = ()
         if state.params.logprobs:
             logprob = (TokenLogprob(token, result.logprob, tuple(result.top_logprobs)),)
         if reason is None:

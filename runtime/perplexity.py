@@ -66,9 +66,8 @@ def perplexity(
 ) -> PerplexityResult:
     tokens = tokenizer.encode(text, add_bos=None)
     if len(tokens) < 2 * ctx:
-        raise LlmappError(
-            f"the text has {len(tokens)} tokens; perplexity with --ctx {ctx} needs at least {2 * ctx}"
-        )
+        need = 2 * ctx
+        raise LlmappError(f"the text has {len(tokens)} tokens; --ctx {ctx} needs at least {need}")
     if ctx > runner.num_blocks * runner.block_size:
         raise LlmappError(
             f"--ctx {ctx} exceeds the KV cache ({runner.num_blocks * runner.block_size})"

@@ -178,9 +178,8 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"ppl": result.ppl, "tokens": result.tokens, "chunks": result.chunks}))
     else:
-        print(
-            f"perplexity: {result.ppl:.4f} ({result.chunks} chunks of {args.ctx}, {result.tokens} tokens)"
-        )
+        chunks = f"{result.chunks} chunks of {args.ctx}"
+        print(f"perplexity: {result.ppl:.4f} ({chunks}, {result.tokens} tokens)")
     return 0
 
 
@@ -231,7 +230,8 @@ def print_bench(out: dict[str, Any], as_json: bool) -> None:
     for k, v in out["prefill_tps"].items():
         line = f"  prefill {k:>5} tokens: {v:8.1f} t/s"
         if peer:
-            line += f"   llama.cpp {peer['prefill_tps'][k]:8.1f} t/s   ratio {peer['ratios']['prefill'].get(k)}"
+            ratio = peer["ratios"]["prefill"].get(k)
+            line += f"   llama.cpp {peer['prefill_tps'][k]:8.1f} t/s   ratio {ratio}"
         print(line)
     line = f"  decode            : {out['decode_tps']:8.1f} t/s"
     if peer:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from llmapp.app.cli import main
 from llmapp.runtime import store
 

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from llmapp.app.cli import main
 
 pytestmark = pytest.mark.real_model

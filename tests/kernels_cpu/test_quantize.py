@@ -13,6 +13,7 @@ from gguf import GGMLQuantizationType
 from gguf import quants as oracle
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from llmapp.kernels_cpu import quantize as kq
 
 TYPES = kq.quantizable_types()

@@ -14,6 +14,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as oracle
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from llmapp.kernels_cpu import quants
 from llmapp.kernels_cpu.f16 import bf16_bits_to_f32, f16_array_to_f32
 from llmapp.runtime.ggml_types import TYPE_TRAITS

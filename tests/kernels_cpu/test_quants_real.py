@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType, GGUFReader
 from gguf import quants as oracle
+
 from llmapp.kernels_cpu import quants
 
 # Rows per comparison step: keeps the oracle's temporaries small on the big embedding tables.

@@ -9,12 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tokenizer_models import our_tokenizer, peer_vocab
+
 from llmapp.runtime import chat_template
 from llmapp.runtime.chat_template import ChatTemplate, detect_family, encode_prompt
 from llmapp.runtime.errors import TemplateError
 from llmapp.runtime.gguf_file import GGUFFile
 from llmapp.runtime.tokenizer import Tokenizer
-from tokenizer_models import our_tokenizer, peer_vocab
 
 Messages = list[dict[str, Any]]
 

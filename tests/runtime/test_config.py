@@ -12,11 +12,12 @@ from typing import Any
 
 import gguf
 import pytest
+from test_gguf_file import write_tiny_model
+
 from llmapp.runtime.config import ModelConfig, load_config, read_config
 from llmapp.runtime.errors import GGUFError
 from llmapp.runtime.gguf_file import GGUFFile
 from llmapp.runtime.models import ARCHITECTURES
-from test_gguf_file import write_tiny_model
 
 VT = gguf.GGUFValueType
 

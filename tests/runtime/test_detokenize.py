@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from llmapp.runtime.tokenizer import IncrementalDetokenizer, Tokenizer, _gpt2_byte_alphabet
 from tokenizer_models import CORPUS, our_tokenizer
+
+from llmapp.runtime.tokenizer import IncrementalDetokenizer, Tokenizer, _gpt2_byte_alphabet
 
 pytestmark = pytest.mark.real_model
 

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from llmapp.runtime.config import load_config
 from llmapp.runtime.errors import GGUFError
 from llmapp.runtime.gguf_file import GGUFArray, GGUFFile, GGUFValueType, TensorInfo

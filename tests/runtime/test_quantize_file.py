@@ -14,6 +14,7 @@ from typing import Any
 import gguf
 import numpy as np
 import pytest
+
 from llmapp.app.cli import main
 from llmapp.runtime.errors import LlmappError
 from llmapp.runtime.ggml_types import GGMLType as G

@@ -10,6 +10,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+
 from llmapp.runtime import store
 from llmapp.runtime.errors import ModelNotFoundError, StoreError
 

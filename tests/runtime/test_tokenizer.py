@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from llmapp.runtime.errors import TokenizerError
 from llmapp.runtime.pretokenize import PreTokenizer, pre_tokenizer_spec, translate
 from llmapp.runtime.tokenizer import (

@@ -17,10 +17,11 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tokenizer_models import CORPUS, our_tokenizer, peer_vocab
+
 from llmapp.runtime.gguf_file import GGUFFile
 from llmapp.runtime.pretokenize import _FAMILIES
 from llmapp.runtime.tokenizer import Tokenizer
-from tokenizer_models import CORPUS, our_tokenizer, peer_vocab
 
 llama_cpp = pytest.importorskip("llama_cpp")
 pytestmark = [pytest.mark.real_model, pytest.mark.peer]
