@@ -1,6 +1,6 @@
 """Matmul kernel speed on Qwen2.5-0.5B shapes, against numpy float32 BLAS on the same weights.
 
-    python benchmarks/bench_kernels.py [--threads N] [--quick] [--no-compile]
+    python benchmarks/bench_kernels.py [--threads N] [--quick] [--no-compile] [--only NAME]
 
 Weights are random bytes of the real type with small finite f16 scales. Columns:
 - one row, hot: the same matrix again and again (it stays in the 32 MB L3): kernel speed;
@@ -9,8 +9,10 @@ Weights are random bytes of the real type with small finite f16 scales. Columns:
   machine's bandwidth;
 - M rows: int8 path and float (dequantized tile) path, Gmac/s; numpy BLAS on a dequantized
   float32 matrix for comparison (it uses its own thread pool).
+- decode step: every matmul of one Qwen2.5-0.5B token (24 layers + head, 569 MB packed),
+  separate and with q|k|v and gate|up concatenated.
 Compile time (first call, empty cache) and warm load (cache filled) are measured in fresh
-interpreters.
+interpreters. Figures are noisy on a shared machine: compare runs taken side by side.
 """
 
 from __future__ import annotations
@@ -208,16 +210,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="default: physical cores")
     parser.add_argument("--quick", action="store_true", help="M=8 and 128 only, no output head")
     parser.add_argument("--no-compile", action="store_true", help="skip the compile-time probe")
+    parser.add_argument("--only", default="", help="cases whose name contains this ('decode')")
     args = parser.parse_args()
     n_threads = threads.set_num_threads(args.threads or None)
     blas = os.environ.get("OPENBLAS_NUM_THREADS", "its default")
     print(f"threads {n_threads}; numpy BLAS threads {blas}")
     rows = (8, 128) if args.quick else ROWS
     for name, kind, k, n in CASES:
-        if args.quick and n > 100_000:
+        if (args.quick and n > 100_000) or args.only not in name:
             continue
         bench_case(name, kind, k, n, rows if n < 100_000 else (8,))
-    if not args.quick:
+    if not args.quick and args.only in "decode step":
         decode_step()
     print(f"threading layer {threads.threading_layer()}")
     if not args.no_compile:

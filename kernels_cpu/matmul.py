@@ -644,6 +644,8 @@ def matmul(
     x = np.ascontiguousarray(x, dtype=np.float32)
     if out is None:
         out = np.empty((m_rows, w.n_rows), np.float32)
+    elif out.shape != (m_rows, w.n_rows) or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(f"out must be C-contiguous float32 {(m_rows, w.n_rows)}")
     workers = _workers(w.n_tiles, m_rows * k * w.n_rows)
     use_float = path == "float" or (path == "auto" and m_rows >= MANY_ROWS)
     if w.is_float or use_float:

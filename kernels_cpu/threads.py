@@ -1,12 +1,20 @@
 """Threading setup for the Numba kernels; import this before any parallel kernel runs.
 
-Measured on 2-vCPU Zen 5 machines (REFERENCE.md section 5): the omp layer spin-waits between
-parallel regions and, with 2 threads on 2 cores, ran 4x slower than one thread until the wait
-policy was PASSIVE; an empty 2-thread region then costs ~3-10 us, against ~17-60 us for the
-workqueue layer (tbb ~3 us, but it is not a dependency). So: omp with OMP_WAIT_POLICY=PASSIVE,
-then tbb, then workqueue where neither runtime exists. The variable only counts if it is set
-before the OpenMP runtime loads, at the first parallel launch or set_num_threads call; every
-kernel module imports this one first.
+Layer: omp (libgomp), else tbb, else workqueue. An empty 2-thread region costs ~1.2 us with omp
+when its worker is still spinning, against ~60 us for workqueue (tbb is not a dependency).
+
+Wait policy, measured on this 2-vCPU VM: a sleeping omp worker takes 25-50 us to wake, so with
+OMP_WAIT_POLICY=PASSIVE (no spin, as REFERENCE.md section 5 suggests) every launch pays that:
+the one-row ffn_up matmul took 92 us on 2 threads against 99 us on 1, and the matmuls of a
+Qwen2.5-0.5B decode step 18.1 ms against 22.0 ms. A short bounded spin keeps the worker awake
+between the launches of a step: with GOMP_SPINCOUNT 1000-30000 the same step took 13.8-14.2 ms
+and the one-row matmul 50 us. Spinning costs when another process holds the second core (a
+busy loop there): 35 ms at 3000, 93-268 ms at 30000, 23 ms passive. 3000 (~50-100 us of spin
+here) covers the gaps inside a step and bounds that loss; ACTIVE would hold a core whenever
+the engine idles. Set OMP_WAIT_POLICY=PASSIVE to share a busy machine.
+Environment variables only count if set before libgomp loads, at the first parallel launch or
+set_num_threads call; every kernel module imports this one first, and a user's own
+OMP_WAIT_POLICY / GOMP_SPINCOUNT win.
 
 Compute threads must not outnumber free cores (a busy second core made a 2-thread call take
 milliseconds), so the default is the number of physical cores.
@@ -20,11 +28,13 @@ from pathlib import Path
 import numba
 
 _LAYER_ORDER = ["omp", "tbb", "workqueue"]
+SPIN_COUNT = "3000"
 
 
 def _configure_layer() -> None:
     # A user's explicit choice wins.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if "OMP_WAIT_POLICY" not in os.environ:
+        os.environ.setdefault("GOMP_SPINCOUNT", SPIN_COUNT)
     if "NUMBA_THREADING_LAYER" not in os.environ:
         numba.config.THREADING_LAYER_PRIORITY = list(_LAYER_ORDER)  # type: ignore[attr-defined]
 

@@ -192,6 +192,9 @@ class Engine:
         self.metrics = EngineMetrics()
         self._inbox: queue.SimpleQueue[tuple[str, RequestStream, Any]] = queue.SimpleQueue()
         self._wake = threading.Event()
+        # Orders submit() against shutdown(): a request is either in the inbox before the
+        # compute thread's last drain or refused, so no caller waits on a stream nobody ends.
+        self._submit_lock = threading.Lock()
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="llmapp-engine", daemon=True)
         self._thread.start()
@@ -211,14 +214,23 @@ class Engine:
         ids = self.encode_prompt(prompt, add_special)
         self.check_fits(len(ids))
         stream = RequestStream(self, loop)
-        self._inbox.put(("add", stream, (ids, params)))
+        with self._submit_lock:
+            if self._stop:
+                raise RequestError("the engine has been shut down")
+            self._inbox.put(("add", stream, (ids, params)))
         self._wake.set()
         return stream
 
     async def stream(
-        self, prompt: str | Seq[int] | list[dict[str, Any]], params: SamplingParams | None = None
+        self,
+        prompt: str | Seq[int] | list[dict[str, Any]],
+        params: SamplingParams | None = None,
+        *,
+        add_special: bool | None = None,
     ) -> RequestStream:
-        return self.submit(prompt, params, loop=asyncio.get_running_loop())
+        """submit() for asyncio: iterate the result with `async for`; cancelling aborts."""
+        loop = asyncio.get_running_loop()
+        return self.submit(prompt, params, add_special=add_special, loop=loop)
 
     def generate(
         self, prompt: str | Seq[int] | list[dict[str, Any]], params: SamplingParams | None = None
@@ -256,10 +268,22 @@ class Engine:
                 "(raise --ctx-size or shorten the prompt)"
             )
 
+    def metrics_snapshot(self) -> dict[str, Any]:
+        """Counters and latency histograms for front ends (a consistent-enough, lock-free read)."""
+        return self.metrics.snapshot(
+            running=len(self.scheduler.running),
+            waiting=len(self.scheduler.waiting),
+            kv_usage=self.kv.usage,
+            prefix=self.kv.prefix_stats(),
+        )
+
     def shutdown(self) -> None:
-        self._stop = True
+        """Stop the compute thread; requests still in flight end with finish_reason 'abort'."""
+        with self._submit_lock:
+            self._stop = True
         self._wake.set()
-        self._thread.join(timeout=10)
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=10)
 
     def __enter__(self) -> Engine:
         return self
@@ -271,15 +295,18 @@ class Engine:
 
     def _loop(self) -> None:
         while not self._stop:
-            self._drain_inbox()
-            if not self.scheduler.has_work():
-                self._wake.wait(0.5)
-                self._wake.clear()
-                continue
             try:
+                self._drain_inbox()
+                if not self.scheduler.has_work():
+                    self._wake.wait(0.5)
+                    self._wake.clear()
+                    continue
                 self.step()
             except Exception as exc:  # never leave a caller hanging on a dead thread
                 self._fail_all(f"engine error: {exc!r}")
+        self._drain_inbox()
+        for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+            self._finish(seq, "abort")
 
     def _drain_inbox(self) -> None:
         while True:
@@ -288,7 +315,12 @@ class Engine:
             except queue.Empty:
                 return
             if kind == "add":
-                self._add(stream, *payload)
+                try:
+                    self._add(stream, *payload)
+                except Exception as exc:  # a bad request ends alone; the others go on
+                    stream.finished = True
+                    stream._put(Delta("", (), finish_reason="error", error=repr(exc)))
+                    stream._put(_DONE)
             elif kind == "abort" and stream.seq is not None and not stream.finished:
                 self._finish(stream.seq, "abort")
 
@@ -341,6 +373,7 @@ class Engine:
         result = state.sampler.sample(logits, seq.token_ids, seq.num_prompt_tokens)
         token = int(result.token)
         seq.token_ids.append(token)
+        self.metrics.tokens_generated += 1
         if not state.first_token_at:
             state.first_token_at = now
             self.metrics.observe_ttft(now - state.submitted)

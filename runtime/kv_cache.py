@@ -4,10 +4,19 @@ The pool never touches tensors; the model runner owns the K/V arrays and reads t
 the block tables built here. A full block is keyed by its token ids chained to the key of the
 block before it, so a new request can reuse any cached prefix. Blocks whose reference count
 drops to zero stay cached (and findable by key) until they are handed out again, oldest first.
+
+Sliding-window layers (Gemma 3): every layer keeps every block of a sequence; no block is
+dropped when it leaves a sliding layer's window. So a cached prefix is reused whole, in every
+layer, global or sliding, and nothing of it is recomputed: a sliding layer simply masks keys
+older than its window at attention time. This is exact because a block's K/V depend only on the
+tokens before it (keys are stored after RoPE at their absolute positions, and a prefix always
+starts at position 0). The price is memory: sliding layers hold blocks they no longer read.
 """
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,12 +28,20 @@ class OutOfBlocksError(LlmappError):
     """The pool has no free block left; the scheduler preempts instead of failing."""
 
 
-BlockKey = tuple[int, tuple[int, ...]]
-"""(key hash of the previous block or 0, token ids of this block): exact, collision free."""
+BlockKey = bytes
+"""A 128-bit BLAKE2b digest of every token id from position 0 to the end of the block.
+
+A cryptographic hash, not Python's hash(): a crafted prompt must not be able to collide with
+another session's prefix and read its cached K/V.
+"""
 
 
 def chain_key(prev_key: BlockKey | None, tokens: Sequence[int]) -> BlockKey:
-    return (hash(prev_key) if prev_key is not None else 0, tuple(tokens))
+    """The key of a block: its tokens chained to the key of the block before it."""
+    # A first block hashes 8 * block_size bytes, a later one 16 more: they cannot coincide.
+    digest = hashlib.blake2b(prev_key or b"", digest_size=16)
+    digest.update(array("q", tokens).tobytes())
+    return digest.digest()
 
 
 @dataclass
@@ -105,6 +122,8 @@ class KVCacheManager:
         self.pool = BlockPool(num_blocks, block_size)
         self.block_size = block_size
         self.enable_prefix_cache = enable_prefix_cache
+        # Counted once per request, by record_query, not per match_prefix call: a request that
+        # waits for room is matched again every step.
         self.prefix_queries = 0
         self.prefix_hit_tokens = 0
         self.prefix_query_tokens = 0
@@ -122,8 +141,6 @@ class KVCacheManager:
         always left to compute, since its logits are needed.
         """
         assert not seq.block_table
-        self.prefix_queries += 1
-        self.prefix_query_tokens += len(token_ids)
         if not self.enable_prefix_cache:
             return 0
         bs = self.block_size
@@ -137,9 +154,21 @@ class KVCacheManager:
             self.pool.acquire(block_id)
             seq.block_table.append(block_id)
             seq.keys.append(key)
-        cached = len(seq.block_table) * bs
-        self.prefix_hit_tokens += cached
-        return cached
+        return len(seq.block_table) * bs
+
+    def record_query(self, num_tokens: int, num_hit: int) -> None:
+        """Count one request's prefix lookup (prompt tokens asked, tokens found cached)."""
+        self.prefix_queries += 1
+        self.prefix_query_tokens += num_tokens
+        self.prefix_hit_tokens += num_hit
+
+    def prefix_stats(self) -> dict[str, int]:
+        return {
+            "queries": self.prefix_queries,
+            "query_tokens": self.prefix_query_tokens,
+            "hit_tokens": self.prefix_hit_tokens,
+            "cached_blocks": len(self.pool.cached),
+        }
 
     def allocate(self, seq: SequenceBlocks, num_tokens: int) -> None:
         """Grow the sequence's table to hold num_tokens; all or nothing."""

@@ -47,7 +47,8 @@ class Histogram:
 class EngineMetrics:
     requests_received: int = 0
     requests_finished: int = 0
-    tokens_processed: int = 0
+    tokens_processed: int = 0  # rows through the model: prompt tokens computed plus decode steps
+    tokens_generated: int = 0
     steps: int = 0
     preemptions: int = 0
     ttft: Histogram = field(default_factory=Histogram)
@@ -74,6 +75,7 @@ class EngineMetrics:
                 "requests_received": self.requests_received,
                 "requests_finished": self.requests_finished,
                 "tokens_processed": self.tokens_processed,
+                "tokens_generated": self.tokens_generated,
                 "steps": self.steps,
                 "preemptions": self.preemptions,
                 "ttft_seconds": self.ttft.as_dict(),

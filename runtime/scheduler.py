@@ -145,6 +145,8 @@ class Scheduler:
                     break
             self.kv.allocate(seq.blocks, seq.num_computed + n)
             self.waiting.popleft()
+            if seq.num_preemptions == 0:  # a recompute after preemption is not a new query
+                self.kv.record_query(seq.num_prompt_tokens, seq.num_cached_prompt)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             step.seqs.append(seq)

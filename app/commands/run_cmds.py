@@ -62,6 +62,20 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", action="store_true")
     p.add_argument("--peer", action="store_true", help="also measure llama.cpp (llama-cpp-python)")
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=None,
+        metavar="N",
+        help="also run N sessions at once through the engine (128-token prompts, -n new tokens)",
+    )
+    p.add_argument(
+        "--shared-prefix",
+        type=int,
+        default=0,
+        metavar="T",
+        help="also time the first token of a request whose T-token prefix is cached vs cold",
+    )
     p.set_defaults(handler=cmd_bench)
 
 
@@ -184,7 +198,7 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from llmapp.runtime.bench import OurBench, PeerBench, run_bench
+    from llmapp.runtime.bench import OurBench, run_bench
     from llmapp.runtime.model_runner import ModelRunner, RunnerOptions
     from llmapp.runtime.store import resolve_model
 
@@ -192,23 +206,95 @@ def cmd_bench(args: argparse.Namespace) -> int:
         prompts = [int(p) for p in args.prompts.split(",") if p]
     except ValueError as exc:
         raise LlmappError(f"-p takes comma-separated integers, got {args.prompts!r}") from exc
+    check_bench_args(args)
     threads = args.threads or _physical_cores()
     path = resolve_model(args.model)
     ctx = max(prompts + [128 + args.n_gen]) + 16
     runner = ModelRunner(path, RunnerOptions(ctx_size=ctx, n_threads=threads))
     ours = run_bench(OurBench(runner), prompts, args.n_gen, args.repeats)
+    del runner  # the engine below loads its own copy
     out: dict[str, Any] = {"model": args.model, "threads": threads, **ours.as_dict()}
+    if args.concurrency or args.shared_prefix:
+        out.update(engine_figures(path, threads, args))
     if args.peer:
-        try:
-            peer_bench = PeerBench(path, threads, ctx)
-        except ImportError as exc:
-            raise LlmappError(
-                "--peer needs llama-cpp-python (pip install llama-cpp-python)"
-            ) from exc
-        peer = run_bench(peer_bench, prompts, args.n_gen, args.repeats)
-        out["peer"] = {"name": "llama.cpp", **peer.as_dict(), "ratios": ratios(ours, peer)}
+        out["peer"] = peer_figures(path, threads, prompts, ctx, args, ours)
+        if args.concurrency and out["peer"]["concurrency"]["aggregate_decode_tps"]:
+            ratio = out["aggregate_decode_tps"] / out["peer"]["concurrency"]["aggregate_decode_tps"]
+            out["peer"]["ratios"]["aggregate_decode"] = round(ratio, 3)
     print_bench(out, args.json)
     return 0
+
+
+def check_bench_args(args: argparse.Namespace) -> None:
+    if args.concurrency is not None and args.concurrency < 1:
+        raise LlmappError("--concurrency takes a positive number of sessions")
+    if args.shared_prefix < 0:
+        raise LlmappError("--shared-prefix takes a number of tokens (0: off)")
+    if args.n_gen < 1 or args.repeats < 1:
+        raise LlmappError("-n and -r take positive numbers")
+
+
+def engine_figures(path: Path, threads: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Sessions at once and cached-prefix TTFT, measured through the engine."""
+    from llmapp.runtime.bench import (
+        DECODE_PROMPT,
+        SHARED_PREFIX_SUFFIX,
+        EngineBench,
+        median_run,
+        random_tokens,
+    )
+    from llmapp.runtime.engine import Engine, EngineOptions
+    from llmapp.runtime.model_runner import RunnerOptions
+
+    n = args.concurrency or 0
+    # Room for every session at once, and for a cold and a cached prefix request side by side.
+    ctx = max(n * (DECODE_PROMPT + args.n_gen), 2 * (args.shared_prefix + SHARED_PREFIX_SUFFIX))
+    opts = EngineOptions(
+        runner=RunnerOptions(ctx_size=ctx + 64, n_threads=threads), max_num_seqs=max(n, 1)
+    )
+    repeats = min(args.repeats, 3)
+    out: dict[str, Any] = {}
+    with Engine(path, opts) as engine:
+        bench = EngineBench(engine)
+        engine.generate(random_tokens(32, engine.config.n_vocab), None)  # warm-up
+        if n:
+            bench.concurrent(n, min(args.n_gen, 4), prompt_len=16)  # warm-up: batched shapes
+            out.update(
+                median_run([bench.concurrent(n, args.n_gen) for _ in range(repeats)]).as_dict()
+            )
+        if args.shared_prefix:
+            out.update(bench.shared_prefix(args.shared_prefix, repeats))
+    return out
+
+
+def peer_figures(
+    path: Path, threads: int, prompts: list[int], ctx: int, args: argparse.Namespace, ours: Any
+) -> dict[str, Any]:
+    from llmapp.runtime.bench import (
+        DECODE_PROMPT,
+        PeerBatchedBench,
+        PeerBench,
+        median_run,
+        run_bench,
+    )
+
+    try:
+        peer_bench = PeerBench(path, threads, ctx)
+    except ImportError as exc:
+        raise LlmappError("--peer needs llama-cpp-python (pip install llama-cpp-python)") from exc
+    peer = run_bench(peer_bench, prompts, args.n_gen, args.repeats)
+    del peer_bench
+    out: dict[str, Any] = {"name": "llama.cpp", **peer.as_dict(), "ratios": ratios(ours, peer)}
+    n = args.concurrency
+    if n:
+        batched = PeerBatchedBench(path, threads, n, n * (DECODE_PROMPT + args.n_gen) + 16)
+        try:
+            batched.concurrent(n, min(args.n_gen, 4), prompt_len=16)  # warm-up
+            runs = [batched.concurrent(n, args.n_gen) for _ in range(min(args.repeats, 3))]
+        finally:
+            batched.close()
+        out["concurrency"] = median_run(runs).as_dict()
+    return out
 
 
 def ratios(ours: Any, peer: Any) -> dict[str, Any]:
@@ -237,3 +323,25 @@ def print_bench(out: dict[str, Any], as_json: bool) -> None:
     if peer:
         line += f"   llama.cpp {peer['decode_tps']:8.1f} t/s   ratio {peer['ratios']['decode']}"
     print(line)
+    print_engine_figures(out)
+
+
+def print_engine_figures(out: dict[str, Any]) -> None:
+    if "concurrency" in out:
+        line = (
+            f"  {out['concurrency']} sessions at once: aggregate decode "
+            f"{out['aggregate_decode_tps']:8.1f} t/s, per session "
+            f"{out['per_session_decode_tps']:.1f} t/s, TTFT p50 {out['ttft_ms_p50']:.0f} ms"
+        )
+        peer = out.get("peer", {}).get("concurrency")
+        if peer:
+            ratio = out["peer"]["ratios"].get("aggregate_decode")
+            line += f"   llama.cpp {peer['aggregate_decode_tps']:8.1f} t/s   ratio {ratio}"
+        print(line)
+    if "ttft_ms_cold" in out:
+        cold, cached = out["ttft_ms_cold"], out["ttft_ms_cached"]
+        new = out["shared_prefix_suffix_tokens"]
+        print(
+            f"  TTFT with a {out['shared_prefix']}-token prefix (+{new} new): cold {cold:.1f} ms, "
+            f"cached {cached:.1f} ms ({cold / max(cached, 1e-9):.1f}x)"
+        )

@@ -8,6 +8,7 @@ import pytest
 from gguf.quants import dequantize, quantize
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from llmapp.kernels_cpu import matmul as mm
 
 BLOCK32 = (mm.Q4_0, mm.Q4_1, mm.Q5_0, mm.Q5_1, mm.Q8_0)
@@ -210,3 +211,11 @@ def test_threaded_split_matches_reference(m_rows: int) -> None:
     x = np.random.default_rng(9).standard_normal((m_rows, 2048)).astype(np.float32)
     want = mm.matmul_ref(quantized_input(x) if m_rows < mm.MANY_ROWS else x, oracle(raw, mm.Q4_K))
     assert_close(mm.matmul(x, w), want, 1e-5)
+
+
+def test_rejects_bad_out() -> None:
+    w = mm.pack_weight(make_raw(mm.Q8_0, 32, 64), mm.Q8_0, 64)
+    x = np.ones((2, 64), np.float32)
+    for bad in (np.empty((2, 31), np.float32), np.empty((2, 32)), np.empty((32, 2), np.float32).T):
+        with pytest.raises(ValueError):
+            mm.matmul(x, w, out=bad)
