@@ -17,6 +17,8 @@ class Backend(Protocol):
     name: str
 
     def pack(self, raw: np.ndarray, ggml_type: int, row_len: int) -> Any: ...
+    def fuse(self, parts: list[Any]) -> Any | None: ...
+    def n_rows(self, w: Any) -> int: ...
     def matmul(self, x: np.ndarray, w: Any) -> np.ndarray: ...
     def embed(
         self, raw: np.ndarray, ggml_type: int, row_len: int, ids: np.ndarray
@@ -53,6 +55,16 @@ class CPUBackend:
 
     def pack(self, raw: np.ndarray, ggml_type: int, row_len: int) -> Any:
         return self._matmul.pack_weight(raw, ggml_type, row_len)
+
+    def fuse(self, parts: list[Any]) -> Any | None:
+        """One packed matrix from several sharing an input (q|k|v, gate|up), if layouts allow."""
+        try:
+            return self._matmul.concat_packed(parts)
+        except ValueError:
+            return None
+
+    def n_rows(self, w: Any) -> int:
+        return int(w.n_rows)
 
     def matmul(self, x: np.ndarray, w: Any) -> np.ndarray:
         return self._matmul.matmul(x, w)
@@ -119,6 +131,12 @@ class ReferenceBackend:
 
     def pack(self, raw: np.ndarray, ggml_type: int, row_len: int) -> Any:
         return self._quants.dequantize(raw, ggml_type, row_len)  # float32 [N, K]
+
+    def fuse(self, parts: list[Any]) -> Any | None:
+        return np.concatenate(parts, axis=0)
+
+    def n_rows(self, w: Any) -> int:
+        return int(w.shape[0])
 
     def matmul(self, x: np.ndarray, w: Any) -> np.ndarray:
         return (x.astype(np.float64) @ w.T.astype(np.float64)).astype(np.float32)

@@ -165,7 +165,52 @@ class Engine:
 
     def __init__(self, path: str | Path, options: EngineOptions | None = None) -> None:
         self.options = options or EngineOptions()
-        self.runner = ModelRunner(path, self.options.runner)
+        self._inbox: queue.SimpleQueue[tuple[str, RequestStream, Any]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        # Orders submit() against shutdown(): a request is either in the inbox before the
+        # compute thread's last drain or refused, so no caller waits on a stream nobody ends.
+        self._submit_lock = threading.Lock()
+        self._stop = False
+        self._go = threading.Event()  # the compute thread waits for the rest of __init__
+        self.runner = self._start_compute_thread(path)
+        try:
+            self._setup(path)
+        except BaseException:
+            self._stop = True
+            self._go.set()
+            raise
+        self._go.set()
+
+    def _start_compute_thread(self, path: str | Path) -> ModelRunner:
+        """Start the compute thread and let it build the runner.
+
+        Numba's thread count is a per-thread setting: the backend applies RunnerOptions.n_threads
+        in the thread that builds it, so the runner is built in the thread that runs the kernels
+        (built here, a compute thread would use every core whatever n_threads says).
+        """
+        built: list[ModelRunner | BaseException] = []
+        ready = threading.Event()
+
+        def main() -> None:
+            try:
+                built.append(ModelRunner(path, self.options.runner))
+            except BaseException as exc:
+                built.append(exc)
+                return
+            finally:
+                ready.set()
+            self._go.wait()
+            if not self._stop:
+                self._loop()
+
+        self._thread = threading.Thread(target=main, name="llmapp-engine", daemon=True)
+        self._thread.start()
+        ready.wait()
+        if isinstance(built[0], BaseException):
+            raise built[0]
+        return built[0]
+
+    def _setup(self, path: str | Path) -> None:
         self.config = self.runner.config
         entry = entry_for_path(path)  # catalog overrides when the file is a catalog model
         self.tokenizer = Tokenizer.from_gguf(
@@ -190,14 +235,6 @@ class Engine:
             self.kv,
         )
         self.metrics = EngineMetrics()
-        self._inbox: queue.SimpleQueue[tuple[str, RequestStream, Any]] = queue.SimpleQueue()
-        self._wake = threading.Event()
-        # Orders submit() against shutdown(): a request is either in the inbox before the
-        # compute thread's last drain or refused, so no caller waits on a stream nobody ends.
-        self._submit_lock = threading.Lock()
-        self._stop = False
-        self._thread = threading.Thread(target=self._loop, name="llmapp-engine", daemon=True)
-        self._thread.start()
 
     # ---- front-end API ---------------------------------------------------------------------
 

@@ -78,5 +78,34 @@ def load_weights(gguf: GGUFFile, cfg: ModelConfig, backend: Backend) -> Weights:
                 layer[short] = read_vector(gguf, name)
             else:
                 layer[short] = pack_matrix(gguf, name, backend)
+        fuse_layer(layer, backend)
         weights.layers.append(layer)
     return weights
+
+
+FUSIONS = {"attn_qkv": ("attn_q", "attn_k", "attn_v"), "ffn_gate_up": ("ffn_gate", "ffn_up")}
+
+
+def fuse_layer(layer: dict[str, Any], backend: Backend) -> None:
+    """Matrices that read the same input become one (one pass over x, one launch).
+
+    The parts stay reachable by name through their row widths (`<fused>.splits`).
+    """
+    for fused, names in FUSIONS.items():
+        if not all(n in layer for n in names):
+            continue
+        packed = backend.fuse([layer[n] for n in names])
+        if packed is None:
+            continue
+        biases = [layer.get(n + ".bias") for n in names]
+        widths = [backend.n_rows(layer[n]) for n in names]
+        for n in names:
+            del layer[n]
+        layer[fused] = packed
+        layer[fused + ".splits"] = widths
+        if any(b is not None for b in biases):
+            pieces = [
+                b if b is not None else np.zeros(w, np.float32)
+                for b, w in zip(biases, widths, strict=True)
+            ]
+            layer[fused + ".bias"] = np.concatenate(pieces)

@@ -16,7 +16,7 @@ from ..config import (
 )
 from ..errors import GGUFError
 from ..gguf_file import GGUFArray, GGUFFile
-from .llama import attention_block, output_head
+from .llama import attention_block, output_head, projections
 
 if TYPE_CHECKING:
     from numpy import ndarray as Array
@@ -110,6 +110,6 @@ def forward(
         a = attention_block(cfg, be, layer, h, batch, kv_layers[il], base, window)
         x += be.rms_norm(a, layer["post_attention_norm"], cfg.norm_eps)
         h = be.rms_norm(x, layer["ffn_norm"], cfg.norm_eps)
-        act = be.gelu_tanh_mul(be.matmul(h, layer["ffn_gate"]), be.matmul(h, layer["ffn_up"]))
+        act = be.gelu_tanh_mul(*projections(be, h, layer, "ffn_gate_up"))
         x += be.rms_norm(be.matmul(act, layer["ffn_down"]), layer["post_ffw_norm"], cfg.norm_eps)
     return output_head(cfg, weights, x[batch.logits_rows], be)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from itertools import accumulate
 from typing import TYPE_CHECKING, Any
 
 from ..config import ModelConfig, build_config, check_tensors, read_hparams, standard_tensor_shapes
@@ -41,6 +42,19 @@ def _project(be: Backend, h: Array, layer: dict[str, Any], name: str) -> Array:
     return out
 
 
+def projections(be: Backend, h: Array, layer: dict[str, Any], fused: str) -> list[Array]:
+    """Outputs of the matrices fused under `fused` (or of its parts, when not fused)."""
+    if fused not in layer:
+        from .. import weights as w
+
+        return [_project(be, h, layer, name) for name in w.FUSIONS[fused]]
+    from numpy import split  # not at the top: reading a config must stay light
+
+    out = _project(be, h, layer, fused)
+    bounds = list(accumulate(layer[fused + ".splits"]))[:-1]
+    return [p if p.flags.c_contiguous else p.copy() for p in split(out, bounds, axis=1)]
+
+
 def attention_block(
     cfg: ModelConfig,
     be: Backend,
@@ -53,9 +67,10 @@ def attention_block(
 ) -> Array:
     """Q/K/V projections, RoPE, paged attention and the output projection. h: [T, n_embd]."""
     t = h.shape[0]
-    q = _project(be, h, layer, "attn_q").reshape(t, cfg.n_head, cfg.head_dim)
-    k = _project(be, h, layer, "attn_k").reshape(t, cfg.n_head_kv, cfg.head_dim)
-    v = _project(be, h, layer, "attn_v").reshape(t, cfg.n_head_kv, cfg.head_dim)
+    q2, k2, v2 = projections(be, h, layer, "attn_qkv")
+    q = q2.reshape(t, cfg.n_head, cfg.head_dim)
+    k = k2.reshape(t, cfg.n_head_kv, cfg.head_dim)
+    v = v2.reshape(t, cfg.n_head_kv, cfg.head_dim)
     if "attn_q_norm" in layer:
         q = be.head_rms_norm(q, layer["attn_q_norm"], cfg.norm_eps)
         k = be.head_rms_norm(k, layer["attn_k_norm"], cfg.norm_eps)
@@ -77,7 +92,7 @@ def forward(
         h = be.rms_norm(x, layer["attn_norm"], cfg.norm_eps)
         x += attention_block(cfg, be, layer, h, batch, kv_layers[il], cfg.rope_base, 0)
         h = be.rms_norm(x, layer["ffn_norm"], cfg.norm_eps)
-        act = be.swiglu(be.matmul(h, layer["ffn_gate"]), be.matmul(h, layer["ffn_up"]))
+        act = be.swiglu(*projections(be, h, layer, "ffn_gate_up"))
         x += be.matmul(act, layer["ffn_down"])
     return output_head(cfg, weights, x[batch.logits_rows], be)
 

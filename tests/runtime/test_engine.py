@@ -431,3 +431,32 @@ def test_public_names_load_lazily() -> None:
         "assert all(getattr(r, n) for n in r.__all__)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---- the concurrency bench's arithmetic and a smoke run ------------------------------------
+
+
+def test_summarize_sessions_counts_the_decode_phase_only() -> None:
+    from llmapp.runtime.bench import summarize_sessions
+
+    # Session 0's first token at 1.0 s, session 1's at 2.0 s: the phase runs from 2.0 to 4.0.
+    times = [[1.0, 1.5, 2.5, 3.0, 3.5], [2.0, 2.5, 3.0, 3.5, 4.0]]
+    result = summarize_sessions(0.0, times)
+    assert result.concurrency == 2
+    assert result.aggregate_decode_tps == pytest.approx(7 / 2.0)  # 3 + 4 tokens after 2.0
+    assert result.per_session_decode_tps == pytest.approx((4 / 2.5 + 4 / 2.0) / 2)
+    assert result.ttft_ms_p50 == pytest.approx(1500.0)
+
+
+@pytest.mark.real_model
+def test_engine_bench_smoke(smol_engine: Engine) -> None:
+    from llmapp.runtime.bench import EngineBench
+
+    bench = EngineBench(smol_engine)
+    result = bench.concurrent(3, 4, prompt_len=16).as_dict()
+    assert result["concurrency"] == 3 and result["aggregate_decode_tps"] > 0
+    assert result["ttft_ms_p50"] > 0 and result["per_session_decode_tps"] > 0
+    prefix = bench.shared_prefix(48, repeats=1, suffix_len=8)
+    assert prefix["shared_prefix_cached_tokens"] == 48
+    assert prefix["ttft_ms_cold"] > 0 and prefix["ttft_ms_cached"] > 0
+    assert_idle(smol_engine)
