@@ -532,6 +532,15 @@ class GGUFFile:
         flat = np.frombuffer(self._buffer(), dtype=np.uint8, count=info.n_bytes, offset=info.offset)
         return flat.reshape(info.n_rows, info.n_bytes // info.n_rows)
 
+    def release_pages(self) -> None:
+        """Drop the map's resident pages (after repacking the weights into our own arrays).
+
+        The mapping stays valid: a later read (an embedding row) faults its page back in from
+        the page cache, so only what is still used counts toward resident memory.
+        """
+        if not self._closed and hasattr(mmap, "MADV_DONTNEED"):
+            self._mm.madvise(mmap.MADV_DONTNEED)
+
     # -- lifetime --------------------------------------------------------------------------
 
     def close(self) -> None:

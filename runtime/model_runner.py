@@ -43,6 +43,7 @@ class ModelRunner:
         self.arch: ModuleType = ARCHITECTURES[self.config.arch]
         self.backend: Backend = make_backend(self.options.backend, self.options.n_threads)
         self.weights: Weights = load_weights(self.gguf, self.config, self.backend)
+        self.gguf.release_pages()  # the packed copies are what the kernels read from now on
         self.block_size = self.options.block_size
         self.num_blocks = -(-self.options.ctx_size // self.block_size)
         cfg = self.config
