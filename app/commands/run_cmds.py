@@ -209,13 +209,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     check_bench_args(args)
     threads = args.threads or _physical_cores()
     path = resolve_model(args.model)
+    # The engine goes first, and its compute thread has ended before the main thread runs any
+    # kernel: with OpenMP, kernels launched from one thread while another thread that launched
+    # some is still alive ran ~1.8x slower here (each thread has its own pool of workers).
+    engine_out = (
+        engine_figures(path, threads, args) if args.concurrency or args.shared_prefix else {}
+    )
     ctx = max(prompts + [128 + args.n_gen]) + 16
     runner = ModelRunner(path, RunnerOptions(ctx_size=ctx, n_threads=threads))
     ours = run_bench(OurBench(runner), prompts, args.n_gen, args.repeats)
-    del runner  # the engine below loads its own copy
-    out: dict[str, Any] = {"model": args.model, "threads": threads, **ours.as_dict()}
-    if args.concurrency or args.shared_prefix:
-        out.update(engine_figures(path, threads, args))
+    del runner
+    out: dict[str, Any] = {"model": args.model, "threads": threads, **ours.as_dict(), **engine_out}
     if args.peer:
         out["peer"] = peer_figures(path, threads, prompts, ctx, args, ours)
         if args.concurrency and out["peer"]["concurrency"]["aggregate_decode_tps"]:

@@ -362,6 +362,23 @@ def test_storm_of_submits_and_aborts_from_threads(smollm2_path: Path) -> None:
         assert snap["requests_received"] == snap["requests_finished"] == 40
 
 
+@pytest.mark.real_model
+def test_a_failing_step_ends_requests_with_an_error_and_the_engine_goes_on(
+    smol_engine: Engine,
+) -> None:
+    forward = smol_engine.runner.forward
+
+    def broken(batch: ForwardBatch) -> np.ndarray:
+        smol_engine.runner.forward = forward  # type: ignore[method-assign]
+        raise MemoryError("no room for activations")
+
+    smol_engine.runner.forward = broken  # type: ignore[method-assign]
+    with pytest.raises(RequestError, match="no room"):
+        smol_engine.generate(PROMPTS[0], greedy())
+    assert_idle(smol_engine)
+    assert smol_engine.generate(PROMPTS[0], greedy(2))[2].finish_reason == "length"
+
+
 # ---- requests refused, shutdown, metrics, public names --------------------------------------
 
 
