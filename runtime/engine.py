@@ -12,7 +12,7 @@ import asyncio
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +22,8 @@ import numpy as np
 
 from llmapp.runtime.batch import build_batch
 from llmapp.runtime.chat_template import ChatTemplate, encode_prompt
-from llmapp.runtime.errors import LlmappError
+from llmapp.runtime.errors import GGUFError, LlmappError
+from llmapp.runtime.gguf_file import GGUFFile
 from llmapp.runtime.kv_cache import KVCacheManager
 from llmapp.runtime.metrics import EngineMetrics
 from llmapp.runtime.model_runner import ModelRunner, RunnerOptions
@@ -172,8 +173,11 @@ class Engine:
         self._submit_lock = threading.Lock()
         self._stop = False
         self._go = threading.Event()  # the compute thread waits for the rest of __init__
-        self.runner = self._start_compute_thread(path)
+        ready = self._start_compute_thread(path)
         try:
+            # Text handling is built here while the compute thread packs the weights.
+            self._setup_text(path)
+            self.runner = ready()
             self._setup(path)
         except BaseException:
             self._stop = True
@@ -181,8 +185,8 @@ class Engine:
             raise
         self._go.set()
 
-    def _start_compute_thread(self, path: str | Path) -> ModelRunner:
-        """Start the compute thread and let it build the runner.
+    def _start_compute_thread(self, path: str | Path) -> Callable[[], ModelRunner]:
+        """Start the compute thread and let it build the runner; returns a wait for it.
 
         Numba's thread count is a per-thread setting: the backend applies RunnerOptions.n_threads
         in the thread that builds it, so the runner is built in the thread that runs the kernels
@@ -205,23 +209,33 @@ class Engine:
 
         self._thread = threading.Thread(target=main, name="llmapp-engine", daemon=True)
         self._thread.start()
-        ready.wait()
-        if isinstance(built[0], BaseException):
-            raise built[0]
-        return built[0]
 
-    def _setup(self, path: str | Path) -> None:
-        self.config = self.runner.config
+        def wait() -> ModelRunner:
+            ready.wait()
+            if isinstance(built[0], BaseException):
+                raise built[0]
+            return built[0]
+
+        return wait
+
+    def _setup_text(self, path: str | Path) -> None:
         entry = entry_for_path(path)  # catalog overrides when the file is a catalog model
-        self.tokenizer = Tokenizer.from_gguf(
-            self.runner.gguf, extra_eog=entry.eog_tokens if entry else ()
-        )
-        self.template = ChatTemplate.from_gguf(
-            self.runner.gguf, override=entry.chat_template if entry else None
-        )
+        try:
+            with GGUFFile(path) as gguf:
+                self.tokenizer = Tokenizer.from_gguf(
+                    gguf, extra_eog=entry.eog_tokens if entry else ()
+                )
+                self.template = ChatTemplate.from_gguf(
+                    gguf, override=entry.chat_template if entry else None
+                )
+        except GGUFError:
+            return  # the compute thread reports the same problem with the file
         self.default_stops = tuple(
             dict.fromkeys((*(entry.stop if entry else ()), *self.template.stop_strings))
         )
+
+    def _setup(self, path: str | Path) -> None:
+        self.config = self.runner.config
         self.kv = KVCacheManager(
             self.runner.num_blocks, self.runner.block_size, self.options.enable_prefix_cache
         )
