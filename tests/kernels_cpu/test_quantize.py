@@ -3,12 +3,11 @@ quantizers, error bounds, and hostile values (zeros, constants, huge and tiny ma
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 from types import ModuleType
 
 import numpy as np
 import pytest
+from conftest import load_benchmark
 from gguf import GGMLQuantizationType
 from gguf import quants as oracle
 from hypothesis import given, settings
@@ -205,12 +204,7 @@ def test_any_finite_input_gives_finite_blocks(case: tuple[int, np.ndarray]) -> N
 
 
 def _bench() -> ModuleType:
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_quantize.py"
-    spec = importlib.util.spec_from_file_location("bench_quantize", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_quantize")
 
 
 @pytest.mark.peer

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import importlib.util
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -14,6 +13,7 @@ from typing import Any
 import gguf
 import numpy as np
 import pytest
+from conftest import load_benchmark
 
 from llmapp.app.cli import main
 from llmapp.runtime.errors import LlmappError
@@ -32,12 +32,7 @@ from llmapp.runtime.quantize import (
 
 
 def _bench() -> ModuleType:
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_quantize.py"
-    spec = importlib.util.spec_from_file_location("bench_quantize", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_quantize")
 
 
 bench = _bench()
