@@ -454,6 +454,7 @@ class Engine:
 
     def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
         state: _RequestState = seq.payload
+        self.metrics.requests_finished += 1  # before the blocks go: observers see both at once
         self.scheduler.finish(seq)
         stream = state.stream
         stream.finished = True
@@ -466,7 +467,6 @@ class Engine:
         )
         stream._put(Delta("", (), (), reason, usage, timings, error))
         stream._put(_DONE)
-        self.metrics.requests_finished += 1
 
     def _fail_all(self, message: str) -> None:
         for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
