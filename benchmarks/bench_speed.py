@@ -39,7 +39,7 @@ with Engine(sys.argv[1], opts) as e:
     e.generate("Once upon a time", SamplingParams(temperature=0, max_tokens=128, ignore_eos=True))
     kv = e.runner.kv_bytes
 for line in open("/proc/self/status"):
-    if line.startswith("VmHWM"):
+    if line.startswith("VmRSS"):  # resident while generating (the load-time peak is gone)
         print(int(line.split()[1]) * 1024, kv)
 """
 
