@@ -7,10 +7,12 @@ Weights are random bytes of the real type with small finite f16 scales. Columns:
 - one row, cold: cycling through copies totalling > 3x L3, as in a decode step where every
   weight comes from memory: the GB/s of packed weight read is the figure to compare with the
   machine's bandwidth;
-- M rows: int8 path and float (dequantized tile) path, Gmac/s; numpy BLAS on a dequantized
-  float32 matrix for comparison (it uses its own thread pool).
+- M rows: int8 path (VNNI where the CPU has it), the same path's portable code (what a CPU
+  without VNNI runs), and the float (dequantized tile) path, Gmac/s; numpy BLAS on a
+  dequantized float32 matrix for comparison (it uses its own thread pool).
 - decode step: every matmul of one Qwen2.5-0.5B token (24 layers + head, 569 MB packed),
-  separate and with q|k|v and gate|up concatenated.
+  separate and with q|k|v and gate|up concatenated; then the fused step for 8 sessions at once
+  (8 rows per matmul), against 8 times the one-session step.
 Compile time (first call, empty cache) and warm load (cache filled) are measured in fresh
 interpreters. Figures are noisy on a shared machine: compare runs taken side by side.
 """
@@ -38,7 +40,7 @@ CASES = [
     ("ffn_down Q6_K", mm.Q6_K, 4864, 896),
     ("output Q8_0", mm.Q8_0, 896, 151936),
 ]
-ROWS = (8, 32, 128, 512)
+ROWS = (2, 4, 8, 16, 32, 128, 512)
 COLD_BYTES = 100 << 20
 
 
@@ -84,13 +86,19 @@ def one_row(w: mm.PackedWeight, copies: list[mm.PackedWeight]) -> tuple[float, f
     return hot, cold
 
 
-def many_rows(w: mm.PackedWeight, wf: np.ndarray, m_rows: int) -> tuple[float, float, float]:
+def many_rows(w: mm.PackedWeight, wf: np.ndarray, m_rows: int) -> tuple[float, ...]:
+    """Seconds for (int8, int8 portable code, float tile, numpy BLAS)."""
     x = np.random.default_rng(2).standard_normal((m_rows, w.row_len), dtype=np.float32)
     out = np.empty((m_rows, w.n_rows), np.float32)
     t_int = best_time(lambda: mm.matmul(x, w, out, path="int"), 0.2)
+    vnni, mm.USE_VNNI = mm.USE_VNNI, False
+    try:
+        t_portable = best_time(lambda: mm.matmul(x, w, out, path="int"), 0.2)
+    finally:
+        mm.USE_VNNI = vnni
     t_float = best_time(lambda: mm.matmul(x, w, out, path="float"), 0.2)
     t_blas = best_time(lambda: np.matmul(x, wf.T, out=out), 0.2)
-    return t_int, t_float, t_blas
+    return t_int, t_portable, t_float, t_blas
 
 
 def bench_case(name: str, ggml_type: int, k: int, n: int, rows: tuple[int, ...]) -> None:
@@ -110,13 +118,11 @@ def bench_case(name: str, ggml_type: int, k: int, n: int, rows: tuple[int, ...])
     del copies
     wf = mm.unpack_weight(w)
     for m_rows in rows:
-        t_int, t_float, t_blas = many_rows(w, wf, m_rows)
+        times = many_rows(w, wf, m_rows)
         g = m_rows * macs / 1e9
-        print(
-            f"{'':15} M={m_rows:<4} int8 {g / t_int:5.1f}  float-tile {g / t_float:5.1f}"
-            f"  numpy-BLAS {g / t_blas:5.1f} Gmac/s   ({t_int * 1e3:.2f} / {t_float * 1e3:.2f}"
-            f" / {t_blas * 1e3:.2f} ms)"
-        )
+        rates = "  ".join(f"{g / t:5.0f}" for t in times)
+        ms = " / ".join(f"{t * 1e3:.3f}" for t in times)
+        print(f"{'':15} M={m_rows:<4} {rates} Gmac/s  ({ms} ms; x{times[0] / hot:.1f} one row)")
 
 
 def qwen_layer_weights(layer: int) -> dict[str, mm.PackedWeight]:
@@ -145,8 +151,9 @@ def decode_step(n_layers: int = 24) -> None:
     for w in layers:
         qkv = mm.concat_packed([w["q"], w["k"], w["v"]])
         fused.append((qkv, w["o"], mm.concat_packed([w["gate"], w["up"]]), w["down"]))
-    x = np.random.default_rng(3).standard_normal((1, 896), dtype=np.float32)
-    h = np.random.default_rng(4).standard_normal((1, 4864), dtype=np.float32)
+    x8 = np.random.default_rng(3).standard_normal((8, 896), dtype=np.float32)
+    h8 = np.random.default_rng(4).standard_normal((8, 4864), dtype=np.float32)
+    x, h = x8[:1], h8[:1]
 
     def separate() -> None:
         for w in layers:
@@ -155,7 +162,7 @@ def decode_step(n_layers: int = 24) -> None:
             mm.matmul(h, w["down"])
         mm.matmul(x, head)
 
-    def grouped() -> None:
+    def grouped(x: np.ndarray = x, h: np.ndarray = h) -> None:
         for qkv, o, gate_up, down in fused:
             mm.matmul(x, qkv)
             mm.matmul(x, o)
@@ -166,12 +173,18 @@ def decode_step(n_layers: int = 24) -> None:
     n_bytes = head.nbytes + sum(p.nbytes for w in layers for p in w.values())
     runs = [("separate", separate, 7 * n_layers + 1)]
     runs.append(("q|k|v, gate|up fused", grouped, 4 * n_layers + 1))
+    one = 0.0
     for name, fn, calls in runs:
-        t = best_time(fn, 2.0)
+        one = best_time(fn, 2.0)
         print(
-            f"decode step, {name:21} {calls:3} calls: {t * 1e3:6.2f} ms"
-            f"  ({n_bytes / t / 1e9:4.1f} GB/s of {n_bytes / 1e6:.0f} MB packed weights)"
+            f"decode step, {name:21} {calls:3} calls: {one * 1e3:6.2f} ms"
+            f"  ({n_bytes / one / 1e9:4.1f} GB/s of {n_bytes / 1e6:.0f} MB packed weights)"
         )
+    t8 = best_time(lambda: grouped(x8, h8), 2.0)
+    print(
+        f"decode step, 8 sessions, fused:       {t8 * 1e3:6.2f} ms"
+        f"  ({t8 / one:.2f}x one session's step: {8 * one / t8:.2f}x the tokens per second)"
+    )
 
 
 _COMPILE_PROBE = """
@@ -220,6 +233,7 @@ def main() -> None:
         if (args.quick and n > 100_000) or args.only not in name:
             continue
         bench_case(name, kind, k, n, rows if n < 100_000 else (8,))
+    print("(M rows columns: int8, int8 portable, float tile, numpy BLAS)")
     if not args.quick and args.only in "decode step":
         decode_step()
     print(f"threading layer {threads.threading_layer()}")

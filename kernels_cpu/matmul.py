@@ -1,28 +1,36 @@
 """Matrix multiplication against quantized weights: out[m, n] = sum_k x[m, k] * W[n, k].
 
 One packed layout serves every type and both paths. Weights are repacked once at load into
-tiles of TILE (32) output rows with the rows in the SIMD lanes:
+tiles of TILE (32) output rows with the rows in the SIMD lanes and 4 columns per lane:
 
-    qs      int8    [T, K * TILE]       qs[t, k*TILE + r] = q of row t*TILE + r, column k
+    qs      uint8   [T, K * TILE]       qs[t, (k//4)*128 + r*4 + k%4] = q[t*TILE + r, k] + bias
     scales  float32 [T, K // G * TILE]  one per group of G columns (G = 32; 16 for Q2_K/Q3_K/Q6_K)
     mins    float32 [T, K // G * TILE]  only for types with an offset (Q4_1 Q5_1 Q2_K Q4_K Q5_K)
 
-so that W[n, k] = scales * q - mins. Float weights (F32, F16, BF16) keep float32 tiles in `wf`.
+so that W[n, k] = scales * (u - bias) - mins. bias is 0 for the types with mins (their q is
+already >= 0) and 128 for the others, which makes every stored value an unsigned byte. Float
+weights (F32, F16, BF16) keep float32 tiles in `wf` ([T, KP * TILE], k-major, KP = K padded).
 
-Why rows in lanes: the inner loop then runs over 32 output rows with one broadcast activation,
-so one group needs no horizontal reduction and no per-group slice; Numba/LLVM vectorize it fully.
-Measured here (Zen 5, one thread, Qwen2.5 shapes in cache): ~50 Gmac/s, against ~15 for a
-row-major layout taking 4 rows per pass with per-group reductions (the layout of REFERENCE.md
-section 5) and ~2 for a loop over a constant 32 on plain indices.
+Why this layout: VNNI's vpdpbusd multiplies 4 unsigned bytes by 4 signed bytes and sums them
+into one int32 lane, 16 lanes at once; with 4 consecutive columns of a row in each lane and the
+rows in the lanes, one instruction does 64 multiply-adds for 16 output rows against one
+broadcast group of 4 activation bytes, with no horizontal reduction. The bias costs nothing:
+sum(u * x) = sum(q * x) + bias * sum(x), and the last term is one integer per activation row
+and group, the accumulator's starting value.
 
-Paths (both use the tiles):
-- few rows (decode): activations quantized once per call to int8 blocks of 32 (float scale and
-  per-group sums for the mins), int32 accumulators, one float multiply-add per group.
-- many rows (prompts, batches): each tile is dequantized to float once into a thread-local
-  buffer and a float FMA kernel runs all rows against it, 4 rows per pass.
-BLAS is not used: it is ~10% faster at M >= 128 on an idle machine, but OpenBLAS's own threads
-spin after each call and fight the Numba threads for the 2 cores (with the second core busy a
-BLAS call here took 24-130 ms instead of 0.5-5).
+Paths:
+- int8 (every quantized weight, any number of rows): activations quantized once per call to
+  int8 blocks of 32 (float scale, per-group sums); int32 sums per group, one float multiply-add
+  per group by weight scale * activation scale, one for the mins. 4 activation rows share each
+  weight load (simd.py: explicit vectors in registers). Measured on 2 threads (Zen 5, Qwen2.5
+  ffn_up Q5_0 4864x896): M=1 35 us, M=8 ~100 us, M=16 ~190 us, M=128 ~1.3 ms (~420 Gmac/s);
+  the portable code for CPUs without VNNI (AVX-512BW: vpmaddwd) is ~2.2x slower from M=4 on and
+  still ahead of the float path at every M.
+- float (float weights; path="float"): each tile is dequantized to float once into a
+  thread-local buffer and a float FMA kernel runs all rows against it, 4 rows per pass;
+  ~120 Gmac/s at M=128, a third of the int8 path, but exact in the activations.
+BLAS is not used: it is ~10% faster than the float path at M >= 128 on an idle machine, but
+OpenBLAS's own threads spin after each call and fight the Numba threads for the 2 cores.
 Decode is bound by memory, not by these kernels: a Qwen2.5-0.5B step reads 569 MB of packed
 weights (1.45x the file's matrices), so layout size is speed there.
 """
@@ -34,24 +42,34 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit, prange
 
+from . import simd
 from . import threads as _threads  # threading layer set before any parallel kernel
 
 TILE = 32
 """Output rows per tile (SIMD lanes of the kernels)."""
+QUAD_STRIDE = 4 * TILE
+"""Bytes of qs per 4 columns of a tile."""
+BIAS = 128
+"""Added to the signed q of types without mins so every stored q is an unsigned byte."""
 KC = 8
 """Columns per step of the float kernel; float tiles pad K to a multiple of it."""
-SERIAL_MACS = 1 << 18
-"""Below this many multiply-adds a matmul runs on the calling thread (~5 us of work)."""
-MANY_ROWS = 64
-"""From this many activation rows on, the float (dequantize-tile) path is used: measured on one
-thread, the int8 path holds ~50 Gmac/s per row at any M, the float path overtakes it at M ~48-64
-(~65 Gmac/s at M=128)."""
+SERIAL_MACS = 1 << 19
+"""Below this many weight elements times 4-row passes (N * K * ceil(M / 4)) a matmul runs on
+the calling thread: ~5-7 us of work, where a 2-thread launch stops paying (measured: 576x576
+at M=1 7.0 us serial, 9.3 parallel; at M=8 21.6 / 17.5)."""
+PATHS = ("auto", "int", "float")
+"""matmul's path argument: auto is int8 for quantized weights at any M (fastest measured at
+every M from 1 to 512, VNNI or not), float for float weights."""
 
 # ggml type ids (the GGUF format's numbers; kernels do not import the runtime's table).
 F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 = 0, 1, 2, 3, 6, 7, 8
 Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, BF16 = 10, 11, 12, 13, 14, 20, 30
 
 FLOAT_TYPES = (F32, F16, BF16)
+
+USE_VNNI = simd.HOST_VNNI
+"""Read at each call: the int8 kernels use vpdpbusd when true (tests set it false to run the
+portable code on a VNNI machine)."""
 
 
 class _QuantSpec(NamedTuple):
@@ -89,7 +107,7 @@ class PackedWeight(NamedTuple):
     n_rows: int  # N
     row_len: int  # K
     group: int  # G; 0 for float weights
-    qs: np.ndarray  # int8 [T, K*TILE]; [T, 0] for float weights
+    qs: np.ndarray  # uint8 [T, K*TILE], q + bias, quad-interleaved; [T, 0] for float weights
     scales: np.ndarray  # float32 [T, K//G*TILE]
     mins: np.ndarray  # float32 [T, K//G*TILE], or [T, 0] without offsets
     wf: np.ndarray  # float32 [T, KP*TILE] for float weights (KP = K padded to KC); [T, 0] otherwise
@@ -101,6 +119,11 @@ class PackedWeight(NamedTuple):
     @property
     def has_min(self) -> bool:
         return self.mins.shape[1] > 0
+
+    @property
+    def bias(self) -> int:
+        """What was added to each q to make it unsigned: 0 with mins (q >= 0 there), else 128."""
+        return 0 if self.has_min else BIAS
 
     @property
     def n_tiles(self) -> int:
@@ -263,7 +286,7 @@ def _decode_row(kind, b, d, m, q, sc, mn, table):
 
 
 @njit(cache=True, parallel=True)
-def _pack_tiles(kind, raw, d, m, n_rows, row_len, qs, scales, mins, table, n_workers):
+def _pack_tiles(kind, raw, d, m, n_rows, row_len, qs, scales, mins, table, bias, n_workers):
     # raw uint8 [N, row_bytes]; d, m float32 [N, n_blocks] (m may be [N, 0]).
     n_tiles = qs.shape[0]
     ng = scales.shape[1] // TILE
@@ -281,7 +304,9 @@ def _pack_tiles(kind, raw, d, m, n_rows, row_len, qs, scales, mins, table, n_wor
                 else:
                     _decode_row(kind, raw[n], d[n], m[n], q, sc, mn, table)
                 for k in range(row_len):
-                    qs[t, k * TILE + r] = q[k]
+                    qs[t, (k >> 2) * QUAD_STRIDE + r * 4 + (k & 3)] = np.uint8(
+                        np.int32(q[k]) + bias
+                    )
                 for g in range(ng):
                     scales[t, g * TILE + r] = sc[g]
                 for g in range(mn.size):
@@ -311,10 +336,10 @@ def _pack_float(raw: np.ndarray, ggml_type: int, n_rows: int, row_len: int) -> P
     for t in range(n_tiles):
         rows = w[t * TILE : (t + 1) * TILE]
         tiles[t, :row_len, : rows.shape[0]] = rows.T
-    empty_i8 = np.zeros((n_tiles, 0), np.int8)
+    empty_u8 = np.zeros((n_tiles, 0), np.uint8)
     empty_f = np.zeros((n_tiles, 0), np.float32)
     wf = tiles.reshape(n_tiles, kp * TILE)
-    return PackedWeight(ggml_type, n_rows, row_len, 0, empty_i8, empty_f, empty_f, wf)
+    return PackedWeight(ggml_type, n_rows, row_len, 0, empty_u8, empty_f, empty_f, wf)
 
 
 def _check_raw(raw: np.ndarray, ggml_type: int, row_len: int) -> tuple[int, int]:
@@ -344,12 +369,14 @@ def pack_weight(raw: np.ndarray, ggml_type: int, row_len: int) -> PackedWeight:
     m = _half_field(blocks, spec.halves[1]) if len(spec.halves) > 1 else d[:, :0]
     n_tiles = -(-n_rows // TILE)
     ng = row_len // spec.group
-    qs = np.empty((n_tiles, row_len * TILE), np.int8)
+    qs = np.empty((n_tiles, row_len * TILE), np.uint8)
     scales = np.empty((n_tiles, ng * TILE), np.float32)
     mins = np.empty((n_tiles, ng * TILE if spec.has_min else 0), np.float32)
     m = np.ascontiguousarray(m)
     workers = _workers(n_tiles, n_rows * row_len)
-    _pack_tiles(ggml_type, raw, d, m, n_rows, row_len, qs, scales, mins, _IQ4_NL_VALUES, workers)
+    bias = 0 if spec.has_min else BIAS
+    args = (ggml_type, raw, d, m, n_rows, row_len, qs, scales, mins, _IQ4_NL_VALUES, bias)
+    _pack_tiles(*args, workers)
     empty = np.zeros((n_tiles, 0), np.float32)
     return PackedWeight(ggml_type, n_rows, row_len, spec.group, qs, scales, mins, empty)
 
@@ -361,14 +388,15 @@ def unpack_weight(w: PackedWeight) -> np.ndarray:
         kp = w.wf.shape[1] // TILE
         tiles = w.wf.reshape(t, kp, TILE)[:, :k, :]
         return np.ascontiguousarray(tiles.transpose(0, 2, 1).reshape(t * TILE, k)[:n])
-    q = w.qs.reshape(t, k, TILE).transpose(0, 2, 1).reshape(t * TILE, k)[:n]
+    quads = w.qs.reshape(t, k // 4, TILE, 4).transpose(0, 2, 1, 3).reshape(t * TILE, k)[:n]
+    q = quads.astype(np.float32) - np.float32(w.bias)
     ng = k // w.group
 
     def per_row(a: np.ndarray) -> np.ndarray:
         rows = a.reshape(t, ng, TILE).transpose(0, 2, 1).reshape(t * TILE, ng)[:n]
         return np.repeat(rows, w.group, axis=1)
 
-    out = per_row(w.scales) * q.astype(np.float32)
+    out = per_row(w.scales) * q
     if w.has_min:
         out = out - per_row(w.mins)
     return out.astype(np.float32)
@@ -398,36 +426,43 @@ def concat_packed(parts: list[PackedWeight]) -> PackedWeight:
 # Activations: int8 blocks of 32 with a float scale, plus per-group sums for the mins.
 
 
-@njit(cache=True, fastmath=True)
-def _quantize_rows(x, group, xq, xs, xsum):
-    m_rows, k = x.shape
-    for m in range(m_rows):
-        for b in range(k // 32):
-            xb = x[m, b * 32 : (b + 1) * 32]
-            amax = np.float32(0)
-            for j in range(xb.size):
-                amax = max(amax, abs(xb[j]))
-            inv = np.float32(127) / amax if amax > 0 else np.float32(0)
+@njit(cache=True)
+def _quantize_rows(x, group, with_sums, bias, xq, xs, xsum, xcorr):
+    # x C-contiguous; a block of 32 is two vectors (simd.py: the plain loops ran at ~2 G elem/s,
+    # up to a fifth of a prompt's ffn_down matmul). Rows of xq past x's stay zero (padding).
+    per_block = 32 // group  # groups per block of 32: 1 or 2 (hoisted: an integer division)
+    for m in range(x.shape[0]):
+        xr, qr = x[m], xq[m]
+        for b in range(x.shape[1] // 32):
+            v0, v1 = simd.load_f32(xr, 32 * b), simd.load_f32(xr, 32 * b + 16)
+            amax = simd.abs_max(v0, v1)
             xs[m, b] = amax / np.float32(127)
-            qb = xq[m, b * 32 : (b + 1) * 32]
-            for j in range(xb.size):
-                qb[j] = np.int8(np.rint(xb[j] * inv))
-        for g in range(xsum.shape[1]):
-            qg = xq[m, g * group : (g + 1) * group]
-            s = np.int32(0)
-            for j in range(qg.size):
-                s = np.int32(s + np.int32(qg[j]))
-            xsum[m, g] = xs[m, g * group // 32] * np.float32(s)
+            inv = simd.f32_splat(np.float32(127) / amax if amax > 0 else np.float32(0))
+            q0 = simd.round_i32(simd.mul(v0, inv))
+            q1 = simd.round_i32(simd.mul(v1, inv))
+            simd.store_i8(qr, 32 * b, q0)
+            simd.store_i8(qr, 32 * b + 16, q1)
+            s0, s1 = simd.lane_sum(q0), simd.lane_sum(q1)
+            sums = (np.int32(s0 + s1), s0) if per_block == 1 else (s0, s1)
+            for h in range(per_block):
+                g = b * per_block + h
+                xcorr[m, g] = -bias * sums[h]
+                if with_sums:
+                    xsum[m, g] = xs[m, b] * np.float32(sums[h])
 
 
 @njit(cache=True)
-def _quantize(x, group, with_sums):
+def _quantize(x, group, with_sums, bias, row_block):
+    # xq int8 [MP, K] (M rounded up to row_block), xs [MP, K/32], xsum [MP, K/G] (zero unless
+    # with_sums), xcorr int32 [MP, K/G] = -bias * sum of the group's q (undoes the weights' bias).
     m_rows, k = x.shape
-    xq = np.empty((m_rows, k), np.int8)
-    xs = np.empty((m_rows, k // 32), np.float32)
-    xsum = np.empty((m_rows, k // group if with_sums else 0), np.float32)
-    _quantize_rows(x, group, xq, xs, xsum)
-    return xq, xs, xsum
+    mp = -(-m_rows // row_block) * row_block
+    xq = np.zeros((mp, k), np.int8)
+    xs = np.zeros((mp, k // 32), np.float32)
+    xsum = np.zeros((mp, k // group), np.float32)
+    xcorr = np.zeros((mp, k // group), np.int32)
+    _quantize_rows(x, group, with_sums, bias, xq, xs, xsum, xcorr)
+    return xq, xs, xsum, xcorr
 
 
 def quantize_activations(
@@ -438,120 +473,149 @@ def quantize_activations(
     Group sums are sum(x) over each group of the weight's G as the kernel will see it
     (scale * sum of the int8 values), for the mins of asymmetric types.
     """
-    xq, xs, xsum = _quantize(np.ascontiguousarray(x, dtype=np.float32), group, with_sums)
-    return xq, xs, xsum
+    xq, xs, xsum, _ = _quantize(np.ascontiguousarray(x, dtype=np.float32), group, with_sums, 0, 1)
+    return xq, xs, xsum if with_sums else xsum[:, :0]
 
 
 # ---------------------------------------------------------------------------------------------
-# Few rows: integer dot products over a tile. The inner j loop has a constant trip count and is
-# unrolled, leaving the loop over the TILE lanes innermost, which LLVM vectorizes (inspect_asm:
-# vpbroadcastb + vpmovsxbd + vpmulld + vpaddd on zmm; Numba's IR never yields vpmaddwd or
-# vpdpbusd here). Accumulators are truncated to int32 at every step: Numba types int products
-# as int64, which would halve the lanes.
+# Int8 path, any number of rows: VNNI dot products over a tile (simd.py). A tile's 32 lanes are two
+# 16-lane vectors; one vpdpbusd adds 4 columns of 16 lanes (u8 weight quads times one broadcast
+# quad of the activation row). Each group's int32 sums start at the row's bias correction and
+# end in one float multiply-add by weight scale * activation scale (and one for the mins).
+# 4 rows share each weight load (8 int32 + 8 float accumulators in registers); a row alone
+# takes the 1-row kernel, with the same operations in the same order, so a row's result does
+# not depend on which rows it is batched with.
 
 
-@njit(cache=True, fastmath=True)
-def _dot_tile_g32(wq, ws, xq, xs, o):
-    # wq int8 [K*TILE], ws float32 [K/32*TILE], xq int8 [K], xs float32 [K/32], o float32 [TILE]
-    for r in range(TILE):
-        o[r] = 0
-    for g in range(xq.size // 32):
-        wg = wq[g * 32 * TILE : (g + 1) * 32 * TILE]
-        xg = xq[g * 32 : (g + 1) * 32]
-        sg = ws[g * TILE : (g + 1) * TILE]
-        xsg = xs[g]
-        for r in range(TILE):
-            acc = np.int32(0)
-            for j in range(32):
-                acc = np.int32(acc + np.int32(xg[j]) * np.int32(wg[j * TILE + r]))
-            o[r] += sg[r] * xsg * np.float32(acc)
-
-
-@njit(cache=True, fastmath=True)
-def _dot_tile_g16(wq, ws, xq, xs, o):
-    # As _dot_tile_g32 with one weight scale per 16 columns (ws float32 [K/16*TILE]).
-    for r in range(TILE):
-        o[r] = 0
-    for g in range(xq.size // 16):
-        wg = wq[g * 16 * TILE : (g + 1) * 16 * TILE]
-        xg = xq[g * 16 : (g + 1) * 16]
-        sg = ws[g * TILE : (g + 1) * TILE]
-        xsg = xs[g // 2]
-        for r in range(TILE):
-            acc = np.int32(0)
-            for j in range(16):
-                acc = np.int32(acc + np.int32(xg[j]) * np.int32(wg[j * TILE + r]))
-            o[r] += sg[r] * xsg * np.float32(acc)
-
-
-@njit(cache=True, fastmath=True)
-def _sub_mins(wm, xsum, o):
-    # o[r] -= sum_g mins[g, r] * sum(x over group g); runtime-length lane loop (_dequant_tile).
-    for g in range(xsum.size):
-        mg = wm[g * TILE : (g + 1) * TILE]
-        s = xsum[g]
-        for r in range(o.size):
-            o[r] -= mg[r] * s
+@njit(cache=True, inline="always")
+def _group_end(f0, f1, i0, i1, sm, xscale, xsum, has_min):
+    # One row's float accumulators (lanes 0-15, 16-31) after a group: + ints * scale * xscale,
+    # - mins * xsum; sm = (scales 0-15, 16-31, mins 0-15, 16-31). Vectors and scalars only: an
+    # array argument here costs reference-count calls in the loop, and a call spills every vector.
+    d = simd.f32_splat(xscale)
+    f0 = simd.fma_int(f0, i0, simd.mul(sm[0], d))
+    f1 = simd.fma_int(f1, i1, simd.mul(sm[1], d))
+    if has_min:  # loop-invariant: LLVM compiles the loop twice rather than test it each time
+        neg = simd.f32_splat(-xsum)
+        f0 = simd.fma(sm[2], neg, f0)
+        f1 = simd.fma(sm[3], neg, f1)
+    return f0, f1
 
 
 @njit(cache=True)
-def _int_tiles(xq, xs, xsum, wq, ws, wm, group, n_rows, out, t0, t1):
-    o = np.empty(TILE, np.float32)
+def _dot1_tile(wq, ws, wm, xq, xs, xsum, xcorr, m, group, o, vnni):
+    # o[:TILE] = row m of the activations against one tile (wq uint8 [K*TILE], ws/wm [K/G*TILE]).
+    x0 = xq[m]
+    has_min = wm.size > 0
+    mins = wm if has_min else ws  # stands in for absent mins, never used then
+    f0 = f1 = simd.f32_zero()
+    per = group // 4
+    for g in range(x0.size // group):
+        i0 = i1 = simd.i32_splat(xcorr[m, g])
+        for q in range(g * per, (g + 1) * per):
+            b = simd.broadcast_quad(x0, 4 * q)
+            i0 = simd.dot_quads(i0, simd.load_quads(wq, q * QUAD_STRIDE), b, vnni)
+            i1 = simd.dot_quads(i1, simd.load_quads(wq, q * QUAD_STRIDE + 64), b, vnni)
+        s0, s1 = simd.load_f32(ws, g * TILE), simd.load_f32(ws, g * TILE + 16)
+        sm = (s0, s1, simd.load_f32(mins, g * TILE), simd.load_f32(mins, g * TILE + 16))
+        f0, f1 = _group_end(f0, f1, i0, i1, sm, xs[m, g * group // 32], xsum[m, g], has_min)
+    simd.store_f32(o, 0, f0)
+    simd.store_f32(o, 16, f1)
+
+
+@njit(cache=True)
+def _dot4_tile(wq, ws, wm, xq, xs, xsum, xcorr, m0, group, o, vnni):
+    # o[i*TILE:(i+1)*TILE] = row m0+i against one tile, i < 4 (rows past M are zero padding).
+    x0, x1, x2, x3 = xq[m0], xq[m0 + 1], xq[m0 + 2], xq[m0 + 3]
+    has_min = wm.size > 0
+    mins = wm if has_min else ws  # stands in for absent mins, never used then
+    f00 = f01 = f10 = f11 = f20 = f21 = f30 = f31 = simd.f32_zero()
+    per = group // 4
+    for g in range(xq.shape[1] // group):
+        i00 = i01 = simd.i32_splat(xcorr[m0, g])
+        i10 = i11 = simd.i32_splat(xcorr[m0 + 1, g])
+        i20 = i21 = simd.i32_splat(xcorr[m0 + 2, g])
+        i30 = i31 = simd.i32_splat(xcorr[m0 + 3, g])
+        for q in range(g * per, (g + 1) * per):
+            w0 = simd.load_quads(wq, q * QUAD_STRIDE)
+            w1 = simd.load_quads(wq, q * QUAD_STRIDE + 64)
+            b = simd.broadcast_quad(x0, 4 * q)
+            i00, i01 = simd.dot_quads(i00, w0, b, vnni), simd.dot_quads(i01, w1, b, vnni)
+            b = simd.broadcast_quad(x1, 4 * q)
+            i10, i11 = simd.dot_quads(i10, w0, b, vnni), simd.dot_quads(i11, w1, b, vnni)
+            b = simd.broadcast_quad(x2, 4 * q)
+            i20, i21 = simd.dot_quads(i20, w0, b, vnni), simd.dot_quads(i21, w1, b, vnni)
+            b = simd.broadcast_quad(x3, 4 * q)
+            i30, i31 = simd.dot_quads(i30, w0, b, vnni), simd.dot_quads(i31, w1, b, vnni)
+        s0, s1 = simd.load_f32(ws, g * TILE), simd.load_f32(ws, g * TILE + 16)
+        sm = (s0, s1, simd.load_f32(mins, g * TILE), simd.load_f32(mins, g * TILE + 16))
+        b = g * group // 32
+        f00, f01 = _group_end(f00, f01, i00, i01, sm, xs[m0, b], xsum[m0, g], has_min)
+        f10, f11 = _group_end(f10, f11, i10, i11, sm, xs[m0 + 1, b], xsum[m0 + 1, g], has_min)
+        f20, f21 = _group_end(f20, f21, i20, i21, sm, xs[m0 + 2, b], xsum[m0 + 2, g], has_min)
+        f30, f31 = _group_end(f30, f31, i30, i31, sm, xs[m0 + 3, b], xsum[m0 + 3, g], has_min)
+    for i, v in enumerate((f00, f01, f10, f11, f20, f21, f30, f31)):
+        simd.store_f32(o, 16 * i, v)
+
+
+@njit(cache=True)
+def _int_tiles(xq, xs, xsum, xcorr, m_rows, wq, ws, wm, group, n_rows, out, t0, t1, vnni):
+    o = np.empty(4 * TILE, np.float32)
     for t in range(t0, t1):
         n0 = t * TILE
         nr = min(TILE, n_rows - n0)
-        for m in range(xq.shape[0]):
-            if group == 32:
-                _dot_tile_g32(wq[t], ws[t], xq[m], xs[m], o)
+        for m0 in range(0, m_rows, 4):
+            if m_rows - m0 == 1:
+                _dot1_tile(wq[t], ws[t], wm[t], xq, xs, xsum, xcorr, m0, group, o, vnni)
             else:
-                _dot_tile_g16(wq[t], ws[t], xq[m], xs[m], o)
-            if wm.shape[1]:
-                _sub_mins(wm[t], xsum[m], o)
-            out[m, n0 : n0 + nr] = o[:nr]
+                _dot4_tile(wq[t], ws[t], wm[t], xq, xs, xsum, xcorr, m0, group, o, vnni)
+            for i in range(min(4, m_rows - m0)):
+                out[m0 + i, n0 : n0 + nr] = o[i * TILE : i * TILE + nr]
 
 
 @njit(cache=True)
-def _int_serial(x, wq, ws, wm, group, n_rows, out):
-    # Quantizing inside the compiled call saves a dispatch and three allocations per matmul.
-    xq, xs, xsum = _quantize(x, group, wm.shape[1] > 0)
-    _int_tiles(xq, xs, xsum, wq, ws, wm, group, n_rows, out, 0, wq.shape[0])
+def _int_serial(x, wq, ws, wm, group, bias, n_rows, out, vnni):
+    # Quantizing inside the compiled call saves a dispatch and the allocations' round trips.
+    xq, xs, xsum, xcorr = _quantize(x, group, wm.shape[1] > 0, bias, 4)
+    args = (xq, xs, xsum, xcorr, x.shape[0], wq, ws, wm, group, n_rows, out)
+    _int_tiles(*args, 0, wq.shape[0], vnni)
 
 
 @njit(cache=True, parallel=True)
-def _int_parallel(x, wq, ws, wm, group, n_rows, out, n_workers):
-    xq, xs, xsum = _quantize(x, group, wm.shape[1] > 0)  # once, before the threads start
+def _int_parallel(x, wq, ws, wm, group, bias, n_rows, out, n_workers, vnni):
+    xq, xs, xsum, xcorr = _quantize(x, group, wm.shape[1] > 0, bias, 4)  # before the threads
     n_tiles = wq.shape[0]
     for w in prange(n_workers):
         t0 = w * n_tiles // n_workers
         t1 = (w + 1) * n_tiles // n_workers
-        _int_tiles(xq, xs, xsum, wq, ws, wm, group, n_rows, out, t0, t1)
+        args = (xq, xs, xsum, xcorr, x.shape[0], wq, ws, wm, group, n_rows, out)
+        _int_tiles(*args, t0, t1, vnni)
 
 
 # ---------------------------------------------------------------------------------------------
-# Many rows: dequantize a tile to float once, then a float kernel over 4 activation rows at a
+# Float path: dequantize a tile to float once, then a float kernel over 4 activation rows at a
 # time (4 independent accumulators per lane keep both FMA pipes busy). The kernel keeps a single
 # output buffer: with one array per row LLVM gave up vectorizing (too many alias checks).
 
 
-@njit(cache=True, fastmath=True)
-def _dequant_tile(wq, ws, wm, group, wf):
-    # wf float32 [K*TILE] = scale * q - min, same k-major lane layout as wq. The lane loops run
-    # to a runtime length (slice size): with the constant TILE LLVM unrolls them and, unable to
-    # rule out aliasing without runtime checks, leaves them scalar.
+@njit(cache=True)
+def _dequant_tile(wq, ws, wm, group, bias, wf):
+    # wf float32 [K*TILE], k-major with rows in lanes, = scale * (u - bias) - min: one
+    # multiply-add per 16 weights, u taken byte by byte from the quad-interleaved tile.
     k = wq.size // TILE
+    per = group // 4
+    neg_bias = simd.f32_splat(np.float32(-bias))
     for g in range(k // group):
-        sg = ws[g * TILE : (g + 1) * TILE]
-        mg = wm[g * TILE : (g + 1) * TILE] if wm.size else ws[0:0]
-        for j in range(group):
-            base = (g * group + j) * TILE
-            src = wq[base : base + TILE]
-            dst = wf[base : base + TILE]
-            if mg.size:
-                for r in range(dst.size):
-                    dst[r] = sg[r] * np.float32(src[r]) - mg[r]
-            else:
-                for r in range(dst.size):
-                    dst[r] = sg[r] * np.float32(src[r])
+        for h in range(2):
+            s = simd.load_f32(ws, g * TILE + 16 * h)
+            off = simd.mul(s, neg_bias)
+            if wm.size:
+                off = simd.fma(simd.load_f32(wm, g * TILE + 16 * h), simd.f32_splat(-1.0), off)
+            for q in range(g * per, (g + 1) * per):
+                u = simd.load_quads(wq, q * QUAD_STRIDE + 64 * h)
+                for j in range(4):
+                    v = simd.fma(simd.quad_byte(u, j), s, off)
+                    simd.store_f32(wf, (4 * q + j) * TILE + 16 * h, v)
 
 
 @njit(cache=True, fastmath=True)
@@ -581,14 +645,14 @@ def _gemm4_tile(x, m0, wf, o):
 
 
 @njit(cache=True)
-def _float_tiles(xp, m_rows, wq, ws, wm, wf, group, n_rows, out, t0, t1):
+def _float_tiles(xp, m_rows, wq, ws, wm, wf, group, bias, n_rows, out, t0, t1):
     # xp float32 [M4, KP] (rows padded to 4, columns to KC with zeros); wf used when group == 0.
     buf = np.empty(xp.shape[1] * TILE if group else 0, np.float32)
     o = np.empty(4 * TILE, np.float32)
     for t in range(t0, t1):
         tile = wf[t] if group == 0 else buf
         if group:
-            _dequant_tile(wq[t], ws[t], wm[t], group, buf)
+            _dequant_tile(wq[t], ws[t], wm[t], group, bias, buf)
         n0 = t * TILE
         nr = min(TILE, n_rows - n0)
         for m0 in range(0, xp.shape[0], 4):
@@ -599,23 +663,23 @@ def _float_tiles(xp, m_rows, wq, ws, wm, wf, group, n_rows, out, t0, t1):
 
 
 @njit(cache=True, parallel=True)
-def _float_parallel(xp, m_rows, wq, ws, wm, wf, group, n_rows, out, n_workers):
+def _float_parallel(xp, m_rows, wq, ws, wm, wf, group, bias, n_rows, out, n_workers):
     n_tiles = max(wq.shape[0], wf.shape[0])
     for w in prange(n_workers):
         t0 = w * n_tiles // n_workers
         t1 = (w + 1) * n_tiles // n_workers
-        _float_tiles(xp, m_rows, wq, ws, wm, wf, group, n_rows, out, t0, t1)
+        _float_tiles(xp, m_rows, wq, ws, wm, wf, group, bias, n_rows, out, t0, t1)
 
 
 # ---------------------------------------------------------------------------------------------
 # Public entry points.
 
 
-def _workers(n_tiles: int, macs: int) -> int:
+def _workers(n_tiles: int, work: int) -> int:
     # Static split of tiles over threads, passed in: numba.get_num_threads() inside a kernel
     # would make it uncacheable (a ctypes global). Small products run serially: a parallel
     # launch costs microseconds, more than their whole work.
-    if macs < SERIAL_MACS:
+    if work < SERIAL_MACS:
         return 1
     return max(1, min(n_tiles, _threads.get_num_threads()))
 
@@ -635,9 +699,12 @@ def matmul(
 ) -> np.ndarray:
     """out float32 [M, N] = x float32 [M, K] @ W.T.
 
-    path "auto" takes the int8 path below MANY_ROWS rows and the float path from there on;
-    "int" and "float" force one (benchmarks, tests). Float weights always take the float path.
+    path "auto" and "int" take the int8 path for quantized weights, "float" the dequantized
+    float path (exact in the activations; benchmarks, tests). Float weights always take the
+    float path.
     """
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
     m_rows, k = x.shape
     if k != w.row_len:
         raise ValueError(f"x has {k} columns, weight rows have {w.row_len}")
@@ -646,21 +713,21 @@ def matmul(
         out = np.empty((m_rows, w.n_rows), np.float32)
     elif out.shape != (m_rows, w.n_rows) or out.dtype != np.float32 or not out.flags.c_contiguous:
         raise ValueError(f"out must be C-contiguous float32 {(m_rows, w.n_rows)}")
-    workers = _workers(w.n_tiles, m_rows * k * w.n_rows)
-    use_float = path == "float" or (path == "auto" and m_rows >= MANY_ROWS)
-    if w.is_float or use_float:
+    workers = _workers(w.n_tiles, -(-m_rows // 4) * k * w.n_rows)
+    if w.is_float or path == "float":
         kp = w.wf.shape[1] // TILE if w.is_float else k
         xp = _padded_rows(x, kp)
-        args_f = (xp, m_rows, w.qs, w.scales, w.mins, w.wf, w.group, w.n_rows, out)
+        args_f = (xp, m_rows, w.qs, w.scales, w.mins, w.wf, w.group, w.bias, w.n_rows, out)
         if workers == 1:
             _float_tiles(*args_f, 0, w.n_tiles)
         else:
             _float_parallel(*args_f, workers)
         return out
+    args = (x, w.qs, w.scales, w.mins, w.group, w.bias, w.n_rows, out)
     if workers == 1:
-        _int_serial(x, w.qs, w.scales, w.mins, w.group, w.n_rows, out)
+        _int_serial(*args, USE_VNNI)
     else:
-        _int_parallel(x, w.qs, w.scales, w.mins, w.group, w.n_rows, out, workers)
+        _int_parallel(*args, workers, USE_VNNI)
     return out
 
 

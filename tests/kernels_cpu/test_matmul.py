@@ -66,7 +66,8 @@ def test_layout_fields(packed: tuple[int, np.ndarray, mm.PackedWeight]) -> None:
     else:
         spec = mm.QUANT_SPECS[kind]
         assert w.group == spec.group and w.has_min == spec.has_min
-        assert w.qs.shape == (2, 512 * mm.TILE) and w.qs.dtype == np.int8
+        assert w.qs.shape == (2, 512 * mm.TILE) and w.qs.dtype == np.uint8
+        assert w.bias == (0 if spec.has_min else mm.BIAS)
         assert w.scales.shape == (2, 512 // spec.group * mm.TILE)
 
 
@@ -90,7 +91,7 @@ def assert_within_activation_error(got: np.ndarray, x: np.ndarray, wf: np.ndarra
     assert np.all(np.abs(got - want) <= bound * 1.01 + 1e-5 * np.abs(want).max())
 
 
-@pytest.mark.parametrize("m_rows", [1, 3, 5])
+@pytest.mark.parametrize("m_rows", [1, 2, 3, 4, 5, 8])
 def test_int_path(packed: tuple[int, np.ndarray, mm.PackedWeight], m_rows: int) -> None:
     kind, raw, w = packed
     wf = oracle(raw, kind)
@@ -114,12 +115,42 @@ def test_float_path(packed: tuple[int, np.ndarray, mm.PackedWeight], m_rows: int
     assert_close(got, mm.matmul_ref(x, oracle(raw, kind)), 1e-5)
 
 
-def test_auto_path_picks_by_rows() -> None:
+def test_auto_path_is_int8_for_quantized_weights() -> None:
     raw = make_raw(mm.Q8_0, 64, 256)
     w = mm.pack_weight(raw, mm.Q8_0, 256)
-    x = np.random.default_rng(0).standard_normal((mm.MANY_ROWS, 256)).astype(np.float32)
-    np.testing.assert_array_equal(mm.matmul(x, w), mm.matmul(x, w, path="float"))
-    np.testing.assert_array_equal(mm.matmul(x[:2], w), mm.matmul(x[:2], w, path="int"))
+    x = np.random.default_rng(0).standard_normal((130, 256)).astype(np.float32)
+    for m_rows in (1, 2, 130):
+        np.testing.assert_array_equal(
+            mm.matmul(x[:m_rows], w), mm.matmul(x[:m_rows], w, path="int")
+        )
+    with pytest.raises(ValueError):
+        mm.matmul(x, w, path="fast")
+
+
+@pytest.mark.parametrize("kind", [mm.Q4_0, mm.Q4_K, mm.Q6_K, mm.Q8_0])
+def test_row_result_independent_of_batch(kind: int) -> None:
+    # A row computes the same bits alone (1-row kernel) as in any block of 4 (padded or not):
+    # a session's tokens must not depend on which sessions share its step.
+    w = mm.pack_weight(make_raw(kind, 70, 512), kind, 512)
+    x = np.random.default_rng(6).standard_normal((7, 512)).astype(np.float32)
+    together = mm.matmul(x, w)
+    for m in range(7):
+        np.testing.assert_array_equal(mm.matmul(x[m : m + 1], w)[0], together[m])
+    np.testing.assert_array_equal(mm.matmul(x[:2], w), together[:2])
+
+
+@pytest.mark.parametrize("kind", [mm.Q4_1, mm.Q5_0, mm.Q2_K, mm.Q3_K, mm.Q6_K, mm.IQ4_NL])
+@pytest.mark.parametrize("m_rows", [1, 6])
+def test_portable_dot_matches_vnni(kind: int, m_rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The code for CPUs without VNNI, run here: integer sums are exact, so the bits agree.
+    raw = make_raw(kind, 40, 512)
+    w = mm.pack_weight(raw, kind, 512)
+    x = np.random.default_rng(7).standard_normal((m_rows, 512)).astype(np.float32)
+    fast = mm.matmul(x, w)
+    monkeypatch.setattr(mm, "USE_VNNI", False)
+    portable = mm.matmul(x, w)
+    np.testing.assert_array_equal(portable, fast)
+    assert_close(portable, mm.matmul_ref(quantized_input(x), oracle(raw, kind)), 1e-5)
 
 
 def test_out_argument_and_strided_input() -> None:
@@ -202,15 +233,16 @@ def test_shapes(kind: int, n_rows: int, n_blocks: int, m_rows: int) -> None:
     assert_within_activation_error(mm.matmul(x, w, path="int"), x, wf)
 
 
-@pytest.mark.parametrize("m_rows", [1, 64])
+@pytest.mark.parametrize("m_rows", [1, 5, 64])
 def test_threaded_split_matches_reference(m_rows: int) -> None:
-    # Big enough for the parallel kernels (> SERIAL_MACS); 7 tiles split over the threads.
-    raw = make_raw(mm.Q4_K, 200, 2048)
+    # Big enough for the parallel kernels (>= SERIAL_MACS); 10 tiles split over the threads.
+    raw = make_raw(mm.Q4_K, 300, 2048)
     w = mm.pack_weight(raw, mm.Q4_K, 2048)
-    assert m_rows * 200 * 2048 >= mm.SERIAL_MACS
+    assert 300 * 2048 * -(-m_rows // 4) >= mm.SERIAL_MACS
     x = np.random.default_rng(9).standard_normal((m_rows, 2048)).astype(np.float32)
-    want = mm.matmul_ref(quantized_input(x) if m_rows < mm.MANY_ROWS else x, oracle(raw, mm.Q4_K))
-    assert_close(mm.matmul(x, w), want, 1e-5)
+    wf = oracle(raw, mm.Q4_K)
+    assert_close(mm.matmul(x, w), mm.matmul_ref(quantized_input(x), wf), 1e-5)
+    assert_close(mm.matmul(x, w, path="float"), mm.matmul_ref(x, wf), 1e-5)
 
 
 def test_rejects_bad_out() -> None:
