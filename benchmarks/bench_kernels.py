@@ -125,8 +125,9 @@ def bench_case(name: str, ggml_type: int, k: int, n: int, rows: tuple[int, ...])
         print(f"{'':15} M={m_rows:<4} {rates} Gmac/s  ({ms} ms; x{times[0] / hot:.1f} one row)")
 
 
-def qwen_layer_weights(layer: int) -> dict[str, mm.PackedWeight]:
-    """One Qwen2.5-0.5B layer with the file's types (K=896 rows cannot hold K-quants)."""
+def qwen_layer_raws(layer: int) -> dict[str, tuple[np.ndarray, int, int]]:
+    """One Qwen2.5-0.5B layer's raw rows with the file's types (K=896 rows cannot hold
+    K-quants): name -> (raw, type, row length)."""
     down = mm.Q6_K if layer % 3 == 0 else mm.Q4_K
     shapes = {
         "q": (mm.Q5_0, 896, 896),
@@ -138,19 +139,19 @@ def qwen_layer_weights(layer: int) -> dict[str, mm.PackedWeight]:
         "down": (down, 4864, 896),
     }
     return {
-        name: mm.pack_weight(random_raw(kind, n, k, seed=layer), kind, k)
-        for name, (kind, k, n) in shapes.items()
+        name: (random_raw(kind, n, k, seed=layer), kind, k) for name, (kind, k, n) in shapes.items()
     }
 
 
 def decode_step(n_layers: int = 24) -> None:
     """All matmuls of one Qwen2.5-0.5B decode step, every weight read from memory once."""
-    layers = [qwen_layer_weights(i) for i in range(n_layers)]
+    raws = [qwen_layer_raws(i) for i in range(n_layers)]
+    layers = [{name: mm.pack_weight(*part) for name, part in r.items()} for r in raws]
     head = mm.pack_weight(random_raw(mm.Q8_0, 151936, 896), mm.Q8_0, 896)
     fused = []
-    for w in layers:
-        qkv = mm.concat_packed([w["q"], w["k"], w["v"]])
-        fused.append((qkv, w["o"], mm.concat_packed([w["gate"], w["up"]]), w["down"]))
+    for r, w in zip(raws, layers, strict=True):
+        qkv = mm.pack_weights([r["q"], r["k"], r["v"]])
+        fused.append((qkv, w["o"], mm.pack_weights([r["gate"], r["up"]]), w["down"]))
     x8 = np.random.default_rng(3).standard_normal((8, 896), dtype=np.float32)
     h8 = np.random.default_rng(4).standard_normal((8, 4864), dtype=np.float32)
     x, h = x8[:1], h8[:1]

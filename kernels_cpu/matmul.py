@@ -285,7 +285,7 @@ def _decode_row(kind, b, d, m, q, sc, mn, table):
         _row_q6_k(b, d, q, sc)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, nogil=True)
 def _pack_tiles(kind, raw, d, m, n_rows, row_len, qs, scales, mins, table, bias, n_workers):
     # raw uint8 [N, row_bytes]; d, m float32 [N, n_blocks] (m may be [N, 0]).
     n_tiles = qs.shape[0]
@@ -358,27 +358,56 @@ def _check_raw(raw: np.ndarray, ggml_type: int, row_len: int) -> tuple[int, int]
 
 def pack_weight(raw: np.ndarray, ggml_type: int, row_len: int) -> PackedWeight:
     """Repack raw GGUF rows (uint8 [N, row_bytes]) of any supported type into tiles."""
-    block, nbytes = _check_raw(raw, ggml_type, row_len)
-    n_rows = raw.shape[0]
-    if ggml_type in FLOAT_TYPES:
-        return _pack_float(np.ascontiguousarray(raw), ggml_type, n_rows, row_len)
-    spec = QUANT_SPECS[ggml_type]
-    raw = np.ascontiguousarray(raw)
-    blocks = raw.reshape(n_rows, row_len // block, nbytes)
-    d = _half_field(blocks, spec.halves[0])
-    m = _half_field(blocks, spec.halves[1]) if len(spec.halves) > 1 else d[:, :0]
-    n_tiles = -(-n_rows // TILE)
-    ng = row_len // spec.group
+    return pack_weights([(raw, ggml_type, row_len)])
+
+
+def pack_weights(parts: list[tuple[np.ndarray, int, int]]) -> PackedWeight:
+    """One weight from several (raw, ggml_type, row_len) sharing an input (q|k|v, gate|up).
+
+    Each part is packed straight into its own tiles of one set of arrays (no copy after), so
+    the parts must agree on K and on the layout (group, mins) and every part but the last must
+    fill whole tiles; ValueError otherwise. A single part is pack_weight.
+    """
+    for raw, ggml_type, row_len in parts:
+        _check_raw(raw, ggml_type, row_len)
+    first_type, row_len = parts[0][1], parts[0][2]
+    if len(parts) == 1 and first_type in FLOAT_TYPES:
+        raw = np.ascontiguousarray(parts[0][0])
+        return _pack_float(raw, first_type, raw.shape[0], row_len)
+    if any(t in FLOAT_TYPES for _, t, _ in parts):
+        raise ValueError("float weights are packed one at a time")
+    specs = [QUANT_SPECS[t] for _, t, _ in parts]
+    first = specs[0]
+    for raw, _, _ in parts[:-1]:
+        if raw.shape[0] % TILE:
+            raise ValueError(f"a part of {raw.shape[0]} rows does not fill whole tiles")
+    for (_, _, k), spec in zip(parts, specs, strict=True):
+        if k != row_len:
+            raise ValueError("parts differ in row length")
+        if (spec.group, spec.has_min) != (first.group, first.has_min):
+            raise ValueError("parts differ in layout (scale group or mins)")
+    tiles = [-(-raw.shape[0] // TILE) for raw, _, _ in parts]
+    n_tiles, ng = sum(tiles), row_len // first.group
     qs = np.empty((n_tiles, row_len * TILE), np.uint8)
     scales = np.empty((n_tiles, ng * TILE), np.float32)
-    mins = np.empty((n_tiles, ng * TILE if spec.has_min else 0), np.float32)
-    m = np.ascontiguousarray(m)
-    workers = _workers(n_tiles, n_rows * row_len)
-    bias = 0 if spec.has_min else BIAS
-    args = (ggml_type, raw, d, m, n_rows, row_len, qs, scales, mins, _IQ4_NL_VALUES, bias)
-    _pack_tiles(*args, workers)
+    mins = np.empty((n_tiles, ng * TILE if first.has_min else 0), np.float32)
+    bias = 0 if first.has_min else BIAS
+    t0 = 0
+    for (raw, ggml_type, _), spec, n in zip(parts, specs, tiles, strict=True):
+        raw = np.ascontiguousarray(raw)
+        n_rows = raw.shape[0]
+        blocks = raw.reshape(n_rows, row_len // spec.block, spec.nbytes)
+        d = _half_field(blocks, spec.halves[0])
+        m = _half_field(blocks, spec.halves[1]) if len(spec.halves) > 1 else d[:, :0]
+        out = (qs[t0 : t0 + n], scales[t0 : t0 + n], mins[t0 : t0 + n])
+        workers = _workers(n, n_rows * row_len)
+        args = (ggml_type, raw, d, np.ascontiguousarray(m), n_rows, row_len, *out)
+        _pack_tiles(*args, _IQ4_NL_VALUES, bias, workers)
+        t0 += n
+    kind = first_type if all(t == first_type for _, t, _ in parts) else -1
+    n_rows = sum(raw.shape[0] for raw, _, _ in parts)
     empty = np.zeros((n_tiles, 0), np.float32)
-    return PackedWeight(ggml_type, n_rows, row_len, spec.group, qs, scales, mins, empty)
+    return PackedWeight(kind, n_rows, row_len, first.group, qs, scales, mins, empty)
 
 
 def unpack_weight(w: PackedWeight) -> np.ndarray:
@@ -400,26 +429,6 @@ def unpack_weight(w: PackedWeight) -> np.ndarray:
     if w.has_min:
         out = out - per_row(w.mins)
     return out.astype(np.float32)
-
-
-def concat_packed(parts: list[PackedWeight]) -> PackedWeight:
-    """One weight from several with the same K and layout (e.g. Q, K, V): one launch, not three.
-
-    Each part's row count must be a multiple of TILE so tiles do not straddle parts.
-    """
-    first = parts[0]
-    for p in parts:
-        same = (p.row_len, p.group, p.has_min) == (first.row_len, first.group, first.has_min)
-        if not same or p.n_rows % TILE:
-            raise ValueError("parts differ in row length or layout, or rows are not tile-aligned")
-    kind = first.ggml_type if all(p.ggml_type == first.ggml_type for p in parts) else -1
-
-    def cat(name: str) -> np.ndarray:
-        return np.concatenate([getattr(p, name) for p in parts], axis=0)
-
-    n_rows = sum(p.n_rows for p in parts)
-    fields = (cat("qs"), cat("scales"), cat("mins"), cat("wf"))
-    return PackedWeight(kind, n_rows, first.row_len, first.group, *fields)
 
 
 # ---------------------------------------------------------------------------------------------

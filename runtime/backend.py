@@ -17,8 +17,7 @@ class Backend(Protocol):
     name: str
 
     def pack(self, raw: np.ndarray, ggml_type: int, row_len: int) -> Any: ...
-    def fuse(self, parts: list[Any]) -> Any | None: ...
-    def n_rows(self, w: Any) -> int: ...
+    def pack_fused(self, parts: list[tuple[np.ndarray, int, int]]) -> Any | None: ...
     def matmul(self, x: np.ndarray, w: Any) -> np.ndarray: ...
     def embed(
         self, raw: np.ndarray, ggml_type: int, row_len: int, ids: np.ndarray
@@ -56,15 +55,13 @@ class CPUBackend:
     def pack(self, raw: np.ndarray, ggml_type: int, row_len: int) -> Any:
         return self._matmul.pack_weight(raw, ggml_type, row_len)
 
-    def fuse(self, parts: list[Any]) -> Any | None:
-        """One packed matrix from several sharing an input (q|k|v, gate|up), if layouts allow."""
+    def pack_fused(self, parts: list[tuple[np.ndarray, int, int]]) -> Any | None:
+        """One packed matrix from several (raw, type, row_len) sharing an input (q|k|v,
+        gate|up), or None where their layouts differ (they are then packed one by one)."""
         try:
-            return self._matmul.concat_packed(parts)
+            return self._matmul.pack_weights(parts)
         except ValueError:
             return None
-
-    def n_rows(self, w: Any) -> int:
-        return int(w.n_rows)
 
     def matmul(self, x: np.ndarray, w: Any) -> np.ndarray:
         return self._matmul.matmul(x, w)
@@ -132,11 +129,8 @@ class ReferenceBackend:
     def pack(self, raw: np.ndarray, ggml_type: int, row_len: int) -> Any:
         return self._quants.dequantize(raw, ggml_type, row_len)  # float32 [N, K]
 
-    def fuse(self, parts: list[Any]) -> Any | None:
-        return np.concatenate(parts, axis=0)
-
-    def n_rows(self, w: Any) -> int:
-        return int(w.shape[0])
+    def pack_fused(self, parts: list[tuple[np.ndarray, int, int]]) -> Any | None:
+        return np.concatenate([self.pack(*part) for part in parts], axis=0)
 
     def matmul(self, x: np.ndarray, w: Any) -> np.ndarray:
         return (x.astype(np.float64) @ w.T.astype(np.float64)).astype(np.float32)

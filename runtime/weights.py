@@ -59,7 +59,8 @@ def load_weights(gguf: GGUFFile, cfg: ModelConfig, backend: Backend) -> Weights:
     """Read every tensor the architecture uses: blk.N.* into per-layer dicts by short name.
 
     Per layer, 'attn_q' is the attn_q.weight matrix, 'attn_q.bias' its bias, 'attn_norm' the
-    norm vector: 2-D tensors are packed, 1-D ones become float32 vectors.
+    norm vector: 2-D tensors are packed, 1-D ones become float32 vectors. Matrices that read
+    the same input are packed as one where the backend can (FUSIONS).
     """
     head = "token_embd.weight" if cfg.tied_embeddings else "output.weight"
     weights = Weights(
@@ -70,6 +71,7 @@ def load_weights(gguf: GGUFFile, cfg: ModelConfig, backend: Backend) -> Weights:
     for il in range(cfg.n_layer):
         prefix = f"blk.{il}."
         layer: dict[str, Any] = {}
+        matrices: dict[str, RawRows] = {}
         for name, info in gguf.tensors.items():
             if not name.startswith(prefix):
                 continue
@@ -77,8 +79,8 @@ def load_weights(gguf: GGUFFile, cfg: ModelConfig, backend: Backend) -> Weights:
             if len(info.shape) == 1:
                 layer[short] = read_vector(gguf, name)
             else:
-                layer[short] = pack_matrix(gguf, name, backend)
-        fuse_layer(layer, backend)
+                matrices[short] = raw_rows(gguf, name)
+        pack_layer(layer, matrices, backend)
         weights.layers.append(layer)
     return weights
 
@@ -86,21 +88,21 @@ def load_weights(gguf: GGUFFile, cfg: ModelConfig, backend: Backend) -> Weights:
 FUSIONS = {"attn_qkv": ("attn_q", "attn_k", "attn_v"), "ffn_gate_up": ("ffn_gate", "ffn_up")}
 
 
-def fuse_layer(layer: dict[str, Any], backend: Backend) -> None:
-    """Matrices that read the same input become one (one pass over x, one launch).
-
-    The parts stay reachable by name through their row widths (`<fused>.splits`).
-    """
+def pack_layer(layer: dict[str, Any], matrices: dict[str, RawRows], backend: Backend) -> None:
+    """Pack a layer's matrices into `layer`; those that read the same input become one
+    (one pass over x, one launch). The parts stay reachable by name through their row widths
+    (`<fused>.splits`)."""
     for fused, names in FUSIONS.items():
-        if not all(n in layer for n in names):
+        if not all(n in matrices for n in names):
             continue
-        packed = backend.fuse([layer[n] for n in names])
+        parts = [matrices[n] for n in names]
+        packed = backend.pack_fused([(p.data, p.ggml_type, p.row_len) for p in parts])
         if packed is None:
             continue
-        biases = [layer.get(n + ".bias") for n in names]
-        widths = [backend.n_rows(layer[n]) for n in names]
+        biases = [layer.pop(n + ".bias", None) for n in names]
+        widths = [p.data.shape[0] for p in parts]
         for n in names:
-            del layer[n]
+            del matrices[n]
         layer[fused] = packed
         layer[fused + ".splits"] = widths
         if any(b is not None for b in biases):
@@ -109,3 +111,5 @@ def fuse_layer(layer: dict[str, Any], backend: Backend) -> None:
                 for b, w in zip(biases, widths, strict=True)
             ]
             layer[fused + ".bias"] = np.concatenate(pieces)
+    for short, rows in matrices.items():
+        layer[short] = backend.pack(rows.data, rows.ggml_type, rows.row_len)

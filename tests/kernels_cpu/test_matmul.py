@@ -181,15 +181,34 @@ def test_readonly_memmap_like_input() -> None:
     np.testing.assert_array_equal(mm.unpack_weight(w), oracle(raw, mm.Q6_K))
 
 
-def test_concat_packed_matches_parts() -> None:
-    a = mm.pack_weight(make_raw(mm.Q5_0, 64, 256, 1), mm.Q5_0, 256)
-    b = mm.pack_weight(make_raw(mm.Q8_0, 32, 256, 2), mm.Q8_0, 256)
-    ab = mm.concat_packed([a, b])
-    assert ab.n_rows == 96 and ab.ggml_type == -1
-    x = np.random.default_rng(4).standard_normal((1, 256)).astype(np.float32)
+def test_pack_weights_matches_parts() -> None:
+    raw_a, raw_b = make_raw(mm.Q5_0, 64, 256, 1), make_raw(mm.Q8_0, 40, 256, 2)
+    a, b = mm.pack_weight(raw_a, mm.Q5_0, 256), mm.pack_weight(raw_b, mm.Q8_0, 256)
+    ab = mm.pack_weights([(raw_a, mm.Q5_0, 256), (raw_b, mm.Q8_0, 256)])
+    assert ab.n_rows == 104 and ab.ggml_type == -1 and ab.n_tiles == 4
+    np.testing.assert_array_equal(
+        mm.unpack_weight(ab), np.vstack([oracle(raw_a, mm.Q5_0), oracle(raw_b, mm.Q8_0)])
+    )
+    x = np.random.default_rng(4).standard_normal((3, 256)).astype(np.float32)
     np.testing.assert_array_equal(mm.matmul(x, ab), np.hstack([mm.matmul(x, a), mm.matmul(x, b)]))
-    with pytest.raises(ValueError):
-        mm.concat_packed([a, mm.pack_weight(make_raw(mm.Q4_1, 32, 256), mm.Q4_1, 256)])
+
+
+@pytest.mark.parametrize(
+    "parts, problem",
+    [
+        ([(mm.Q5_0, 64, 256), (mm.Q4_1, 32, 256)], "layout"),  # mins on one side only
+        ([(mm.Q5_0, 64, 256), (mm.Q6_K, 32, 256)], "layout"),  # groups of 32 and 16
+        ([(mm.Q5_0, 40, 256), (mm.Q5_0, 32, 256)], "whole tiles"),
+        ([(mm.Q5_0, 32, 256), (mm.Q5_0, 32, 512)], "row length"),
+        ([(mm.Q8_0, 32, 256), (mm.F16, 32, 256)], "float"),
+    ],
+)
+def test_pack_weights_refuses_parts_that_cannot_share_tiles(
+    parts: list[tuple[int, int, int]], problem: str
+) -> None:
+    raws = [(make_raw(t, n, k), t, k) for t, n, k in parts]
+    with pytest.raises(ValueError, match=problem):
+        mm.pack_weights(raws)
 
 
 def test_quantize_activations() -> None:
