@@ -8,9 +8,9 @@ architecture is one short new file.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,16 +22,12 @@ ROPE_TYPES = ("normal", "neox")
 ACTIVATIONS = ("silu", "gelu_tanh")
 
 
-@dataclass(frozen=True)
-class ModelConfig:
-    """Everything the runtime needs to know about a model's shape, checked once when built.
-
-    Shapes follow the usual names: the attention width is n_head * head_dim (not always n_embd:
-    Gemma 3 270M has 4 heads of 256 on a 640-wide residual stream).
-    """
+@dataclasses.dataclass(frozen=True)
+class HParams:
+    """The hyperparameters every decoder-only architecture stores under `<arch>.*`
+    (`read_hparams`); ModelConfig adds each architecture's own fields to them."""
 
     arch: str
-    name: str
     n_layer: int
     n_embd: int
     n_head: int
@@ -42,8 +38,19 @@ class ModelConfig:
     context_length: int
     norm_eps: float
     rope_base: float
-    rope_type: str  # 'normal' rotates adjacent pairs, 'neox' rotates halves
     n_rot: int  # leading dims of each head that RoPE rotates
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig(HParams):
+    """Everything the runtime needs to know about a model's shape, checked once when built.
+
+    Shapes follow the usual names: the attention width is n_head * head_dim (not always n_embd:
+    Gemma 3 270M has 4 heads of 256 on a 640-wide residual stream).
+    """
+
+    name: str
+    rope_type: str  # 'normal' rotates adjacent pairs, 'neox' rotates halves
     tied_embeddings: bool  # no output.weight: token_embd.weight is the output head
     attn_scale: float  # multiplies q.k before the softmax
     layer_sliding: tuple[bool, ...]  # per layer: sliding-window (local) attention?
@@ -154,24 +161,6 @@ def read_config(path: str | Path) -> ModelConfig:
 # -- helpers for runtime/models/<arch>.py ----------------------------------------------------
 
 
-@dataclass(frozen=True)
-class HParams:
-    """The hyperparameters every decoder-only architecture stores under `<arch>.*`."""
-
-    arch: str
-    n_layer: int
-    n_embd: int
-    n_head: int
-    n_head_kv: int
-    head_dim: int
-    n_ff: int
-    n_vocab: int
-    context_length: int
-    norm_eps: float
-    rope_base: float
-    n_rot: int
-
-
 def read_hparams(gguf: GGUFFile, arch: str, *, rope_base_default: float = 10000.0) -> HParams:
     """Read and sanity-check the common `<arch>.*` keys (the ones llama.cpp also reads)."""
     key = f"{arch}."
@@ -270,20 +259,9 @@ def build_config(gguf: GGUFFile, hp: HParams, **arch_fields: Any) -> ModelConfig
     Defaults: no sliding layers, attention scale 1/sqrt(head_dim). A value that fails the
     config's own checks is the file's fault, so it is reported as a GGUFError.
     """
-    fields: dict[str, Any] = {
-        "arch": hp.arch,
+    fields: dict[str, Any] = {f.name: getattr(hp, f.name) for f in dataclasses.fields(HParams)}
+    fields |= {
         "name": _name(gguf),
-        "n_layer": hp.n_layer,
-        "n_embd": hp.n_embd,
-        "n_head": hp.n_head,
-        "n_head_kv": hp.n_head_kv,
-        "head_dim": hp.head_dim,
-        "n_ff": hp.n_ff,
-        "n_vocab": hp.n_vocab,
-        "context_length": hp.context_length,
-        "norm_eps": hp.norm_eps,
-        "rope_base": hp.rope_base,
-        "n_rot": hp.n_rot,
         "tied_embeddings": "output.weight" not in gguf.tensors,
         "attn_scale": 1.0 / math.sqrt(hp.head_dim),
         "layer_sliding": (False,) * hp.n_layer,

@@ -90,13 +90,70 @@ def test_run_unknown_model(capsys: pytest.CaptureFixture[str]) -> None:
     assert len(err) == 1 and "no-such-model" in err[0]
 
 
-def test_bench_json_keys(smollm2_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bench_json_single_session(smollm2_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = run_json(
         capsys, "bench", str(smollm2_path), "-p", "16,32", "-n", "4", "-r", "1", "--json"
     )
-    assert set(out) >= {"model", "threads", "prefill_tps", "decode_tps"}
+    assert out["model"] == str(smollm2_path) and out["threads"] >= 1
     assert set(out["prefill_tps"]) == {"16", "32"}
+    assert all(v > 0 for v in out["prefill_tps"].values())
     assert out["decode_tps"] > 0
+    assert "peer" not in out and "concurrency" not in out
+
+
+SESSION_KEYS = {"concurrency", "aggregate_decode_tps", "per_session_decode_tps", "ttft_ms_p50"}
+
+
+def test_bench_json_concurrency_one_has_the_session_keys(
+    smollm2_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["bench", str(smollm2_path), "-p", "16", "-n", "4", "-r", "1", "--concurrency", "1"]
+    out = run_json(capsys, *argv, "--json")
+    assert out["concurrency"] == 1
+    assert SESSION_KEYS <= set(out)
+    assert out["aggregate_decode_tps"] > 0 and out["per_session_decode_tps"] > 0
+    assert out["ttft_ms_p50"] > 0
+
+
+def test_bench_json_concurrency_and_shared_prefix(
+    smollm2_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["bench", str(smollm2_path), "-p", "16", "-n", "6", "-r", "1", "--concurrency", "3"]
+    out = run_json(capsys, *argv, "--shared-prefix", "70", "--json")
+    assert out["concurrency"] == 3 and SESSION_KEYS <= set(out)
+    assert out["aggregate_decode_tps"] > 0 and out["per_session_decode_tps"] > 0
+    assert out["shared_prefix"] == 70 and out["shared_prefix_suffix_tokens"] > 0
+    # whole 16-token blocks of the prefix are reused: 64 of its 70 tokens
+    assert out["shared_prefix_cached_tokens"] == 64
+    assert out["ttft_ms_cold"] > 0 and out["ttft_ms_cached"] > 0
+
+
+@pytest.mark.peer
+def test_bench_json_peer_ratios(smollm2_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["bench", str(smollm2_path), "-p", "16", "-n", "4", "-r", "1", "--concurrency", "2"]
+    out = run_json(capsys, *argv, "--peer", "--json")
+    peer = out["peer"]
+    assert peer["name"] == "llama.cpp" and peer["decode_tps"] > 0
+    assert peer["concurrency"]["concurrency"] == 2 and SESSION_KEYS <= set(peer["concurrency"])
+    ratios = peer["ratios"]
+    assert ratios["decode"] == pytest.approx(out["decode_tps"] / peer["decode_tps"], abs=1e-3)
+    assert ratios["prefill"]["16"] == pytest.approx(
+        out["prefill_tps"]["16"] / peer["prefill_tps"]["16"], abs=1e-3
+    )
+    want = out["aggregate_decode_tps"] / peer["concurrency"]["aggregate_decode_tps"]
+    assert ratios["aggregate_decode"] == pytest.approx(want, abs=2e-3)
+
+
+@pytest.mark.parametrize(
+    "flags, problem",
+    [(["--concurrency", "0"], "--concurrency"), (["--shared-prefix", "-5"], "--shared-prefix")],
+)
+def test_bench_rejects_bad_session_flags(
+    smollm2_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], problem: str
+) -> None:
+    assert main(["bench", str(smollm2_path), *flags]) == 1
+    err = capsys.readouterr().err
+    assert problem in err and "Traceback" not in err
 
 
 def test_perplexity_needs_enough_text(
