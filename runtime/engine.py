@@ -29,7 +29,7 @@ from llmapp.runtime.metrics import EngineMetrics
 from llmapp.runtime.model_runner import ModelRunner, RunnerOptions
 from llmapp.runtime.sampling import SamplingParams, StopMatcher, check_finish, make_sampler
 from llmapp.runtime.scheduler import Scheduler, SchedulerConfig, Sequence
-from llmapp.runtime.store import entry_for_path
+from llmapp.runtime.store import entry_for_path, resolve_model
 from llmapp.runtime.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
@@ -164,7 +164,9 @@ class EngineOptions:
 class Engine:
     """Owns the model and its compute thread. Safe to call from any thread or event loop."""
 
-    def __init__(self, path: str | Path, options: EngineOptions | None = None) -> None:
+    def __init__(self, model: str | Path, options: EngineOptions | None = None) -> None:
+        """model: a GGUF file or a catalog name (pulled first if it is not in the store)."""
+        path = resolve_model(str(model))
         self.options = options or EngineOptions()
         self._inbox: queue.SimpleQueue[tuple[str, RequestStream, Any]] = queue.SimpleQueue()
         self._wake = threading.Event()

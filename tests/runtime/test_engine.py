@@ -30,6 +30,7 @@ from llmapp.runtime import (
     SamplingParams,
 )
 from llmapp.runtime.batch import ForwardBatch
+from llmapp.runtime.errors import GGUFError, ModelNotFoundError
 
 MARGIN = 0.5
 N_NEW = 12
@@ -477,3 +478,30 @@ def test_engine_bench_smoke(smol_engine: Engine) -> None:
     assert prefix["shared_prefix_cached_tokens"] == 48
     assert prefix["ttft_ms_cold"] > 0 and prefix["ttft_ms_cached"] > 0
     assert_idle(smol_engine)
+
+
+# ---- what the engine is given: catalog names, unknown names, broken files -------------------
+
+
+@pytest.mark.real_model
+def test_engine_takes_a_catalog_name(smollm2_path: Path) -> None:
+    with Engine("smollm2:135m", options(ctx=256)) as engine:
+        assert engine.runner.gguf.path == smollm2_path
+        _, ids, last = engine.generate(PROMPTS[0], greedy(3))
+        assert len(ids) == 3 and last.finish_reason == "length"
+
+
+def test_engine_refuses_an_unknown_model_name() -> None:
+    with pytest.raises(ModelNotFoundError, match="no-such-model:7b"):
+        Engine("no-such-model:7b")
+
+
+@pytest.mark.real_model
+def test_engine_reports_a_truncated_file(smollm2_path: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "truncated.gguf"
+    broken.write_bytes(smollm2_path.read_bytes()[: 3 << 20])  # header and a few tensors
+    threads_before = threading.active_count()
+    with pytest.raises(GGUFError, match="truncated.gguf"):
+        Engine(broken, options(ctx=256))
+    time.sleep(0.2)
+    assert threading.active_count() <= threads_before  # the compute thread ended with it
