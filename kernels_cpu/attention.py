@@ -119,6 +119,7 @@ def _paged_attention(
 
 
 def _check_shapes(q: np.ndarray, k_cache: np.ndarray, query_start_loc: np.ndarray) -> None:
+    # The arguments' checks, shared by the kernel and its reference.
     n_head, head_dim = q.shape[1], q.shape[2]
     if k_cache.shape[3] != head_dim or n_head % k_cache.shape[2]:
         raise ValueError(f"q heads {q.shape[1:]} do not fit the cache {k_cache.shape}")
@@ -176,6 +177,7 @@ def paged_attention_ref(
     sliding_window: int = 0,
 ) -> np.ndarray:
     """numpy reference: gathers each sequence's keys, masks, softmax in float64."""
+    _check_shapes(q, k_cache, query_start_loc)
     n_head = q.shape[1]
     block_size, n_kv = k_cache.shape[1], k_cache.shape[2]
     out = np.zeros(q.shape, np.float32)

@@ -44,6 +44,18 @@ from numba import njit, prange
 
 from . import simd
 from . import threads as _threads  # threading layer set before any parallel kernel
+from .blocks import BF16, F16, F32, SPECS, decode_rows
+from .blocks import IQ4_NL as IQ4_NL
+from .blocks import Q2_K as Q2_K
+from .blocks import Q3_K as Q3_K
+from .blocks import Q4_0 as Q4_0
+from .blocks import Q4_1 as Q4_1
+from .blocks import Q4_K as Q4_K
+from .blocks import Q5_0 as Q5_0
+from .blocks import Q5_1 as Q5_1
+from .blocks import Q5_K as Q5_K
+from .blocks import Q6_K as Q6_K
+from .blocks import Q8_0 as Q8_0
 
 TILE = 32
 """Output rows per tile (SIMD lanes of the kernels)."""
@@ -61,10 +73,6 @@ PATHS = ("auto", "int", "float")
 """matmul's path argument: auto is int8 for quantized weights at any M (fastest measured at
 every M from 1 to 512, VNNI or not), float for float weights."""
 
-# ggml type ids (the GGUF format's numbers; kernels do not import the runtime's table).
-F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 = 0, 1, 2, 3, 6, 7, 8
-Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, BF16 = 10, 11, 12, 13, 14, 20, 30
-
 FLOAT_TYPES = (F32, F16, BF16)
 
 USE_VNNI = simd.HOST_VNNI
@@ -72,32 +80,10 @@ USE_VNNI = simd.HOST_VNNI
 portable code on a VNNI machine)."""
 
 
-class _QuantSpec(NamedTuple):
-    block: int  # elements per block
-    nbytes: int  # bytes per block
-    group: int  # elements per scale in the packed layout
-    has_min: bool
-    halves: tuple[int, ...]  # byte offsets of the f16 fields (d, then dmin/m) in a block
-
-
-QUANT_SPECS: dict[int, _QuantSpec] = {
-    Q4_0: _QuantSpec(32, 18, 32, False, (0,)),
-    Q4_1: _QuantSpec(32, 20, 32, True, (0, 2)),
-    Q5_0: _QuantSpec(32, 22, 32, False, (0,)),
-    Q5_1: _QuantSpec(32, 24, 32, True, (0, 2)),
-    Q8_0: _QuantSpec(32, 34, 32, False, (0,)),
-    IQ4_NL: _QuantSpec(32, 18, 32, False, (0,)),
-    Q2_K: _QuantSpec(256, 84, 16, True, (80, 82)),
-    Q3_K: _QuantSpec(256, 110, 16, False, (108,)),
-    Q4_K: _QuantSpec(256, 144, 32, True, (0, 2)),
-    Q5_K: _QuantSpec(256, 176, 32, True, (0, 2)),
-    Q6_K: _QuantSpec(256, 210, 16, False, (208,)),
-}
+QUANT_SPECS = SPECS
+"""Per quantized type id: block, nbytes, group G (of the packed scales), has_min, halves
+(blocks.py, whose decoders fill the tiles)."""
 SUPPORTED_TYPES = (*FLOAT_TYPES, *QUANT_SPECS)
-
-_IQ4_NL_VALUES = np.array(
-    [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.int8
-)
 
 
 class PackedWeight(NamedTuple):
@@ -135,188 +121,37 @@ class PackedWeight(NamedTuple):
 
 
 # ---------------------------------------------------------------------------------------------
-# Packing: raw GGUF rows -> tiles. One row decoder per type (REFERENCE.md section 2 layouts).
-# d and dmin arrive already converted from f16 (float32 [n_blocks]); Numba has no float16.
-
-
-@njit(cache=True)
-def _row_q4(b, d, m, q, sc, mn, bs, off, bias, table, use_table):
-    # Q4_0 (bs 18, off 2, bias 8), Q4_1 (20, 4, 0; mins), IQ4_NL (18, 2, table).
-    for i in range(d.size):
-        o = i * bs + off
-        for lo in range(16):
-            v = np.int32(b[o + lo])
-            a = v & 15
-            h = v >> 4
-            if use_table:
-                q[i * 32 + lo] = table[a]
-                q[i * 32 + 16 + lo] = table[h]
-            else:
-                q[i * 32 + lo] = np.int8(a - bias)
-                q[i * 32 + 16 + lo] = np.int8(h - bias)
-        sc[i] = d[i]
-        if mn.size:
-            mn[i] = -m[i]
-
-
-@njit(cache=True)
-def _row_q5(b, d, m, q, sc, mn, bs, off, bias):
-    # Q5_0 (bs 22, qh at 2, bias 16), Q5_1 (bs 24, qh at 4, bias 0; mins).
-    for i in range(d.size):
-        o = i * bs + off
-        qh = np.int64(b[o]) | np.int64(b[o + 1]) << 8 | np.int64(b[o + 2]) << 16
-        qh |= np.int64(b[o + 3]) << 24
-        for lo in range(16):
-            v = np.int64(b[o + 4 + lo])
-            a = (v & 15) | ((qh >> lo) & 1) << 4
-            h = (v >> 4) | ((qh >> (lo + 16)) & 1) << 4
-            q[i * 32 + lo] = np.int8(a - bias)
-            q[i * 32 + 16 + lo] = np.int8(h - bias)
-        sc[i] = d[i]
-        if mn.size:
-            mn[i] = -m[i]
-
-
-@njit(cache=True)
-def _row_q8_0(b, d, q, sc):
-    for i in range(d.size):
-        o = i * 34 + 2
-        for e in range(32):
-            v = np.int32(b[o + e])
-            q[i * 32 + e] = np.int8(v - 256 if v > 127 else v)
-        sc[i] = d[i]
-
-
-@njit(cache=True)
-def _row_q2_k(b, d, m, q, sc, mn):
-    for i in range(d.size):
-        o = i * 84
-        for s in range(16):
-            v = np.int32(b[o + s])
-            sc[i * 16 + s] = d[i] * np.float32(v & 15)
-            mn[i * 16 + s] = m[i] * np.float32(v >> 4)
-        for e in range(256):
-            h, j, lo = e // 128, (e % 128) // 32, e % 32
-            q[i * 256 + e] = np.int8((np.int32(b[o + 16 + 32 * h + lo]) >> (2 * j)) & 3)
-
-
-@njit(cache=True)
-def _row_q3_k(b, d, q, sc):
-    for i in range(d.size):
-        o = i * 110
-        for s in range(16):
-            low4 = np.int32(b[o + 96 + s]) & 15 if s < 8 else np.int32(b[o + 96 + s - 8]) >> 4
-            high2 = (np.int32(b[o + 104 + s % 4]) >> (2 * (s // 4))) & 3
-            sc[i * 16 + s] = d[i] * np.float32((low4 | high2 << 4) - 32)
-        for e in range(256):
-            h, j, lo = e // 128, (e % 128) // 32, e % 32
-            low = (np.int32(b[o + 32 + 32 * h + lo]) >> (2 * j)) & 3
-            hbit = (np.int32(b[o + lo]) >> (4 * h + j)) & 1
-            q[i * 256 + e] = np.int8(low - (0 if hbit else 4))
-
-
-@njit(cache=True)
-def _k_scale_min(b, o, j):
-    # 6-bit (scale, min) of sub-block j from the 12 packed bytes at b[o:o+12] (Q4_K, Q5_K).
-    if j < 4:
-        return np.int32(b[o + j]) & 63, np.int32(b[o + j + 4]) & 63
-    sc = (np.int32(b[o + j + 4]) & 15) | ((np.int32(b[o + j - 4]) >> 6) << 4)
-    mn = (np.int32(b[o + j + 4]) >> 4) | ((np.int32(b[o + j]) >> 6) << 4)
-    return sc, mn
-
-
-@njit(cache=True)
-def _row_q45_k(b, d, m, q, sc, mn, bs, qh_off, qs_off):
-    # Q4_K (bs 144, no qh, qs at 16) and Q5_K (bs 176, qh at 16, qs at 48).
-    for i in range(d.size):
-        o = i * bs
-        for j in range(8):
-            s, mm = _k_scale_min(b, o + 4, j)
-            sc[i * 8 + j] = d[i] * np.float32(s)
-            mn[i * 8 + j] = m[i] * np.float32(mm)
-        for e in range(256):
-            c, half, lo = e // 64, (e % 64) // 32, e % 32
-            v = np.int32(b[o + qs_off + 32 * c + lo])
-            nib = (v >> 4) if half else (v & 15)
-            if qh_off:
-                nib |= ((np.int32(b[o + qh_off + lo]) >> (e // 32)) & 1) << 4
-            q[i * 256 + e] = np.int8(nib)
-
-
-@njit(cache=True)
-def _row_q6_k(b, d, q, sc):
-    for i in range(d.size):
-        o = i * 210
-        for s in range(16):
-            v = np.int32(b[o + 192 + s])
-            sc[i * 16 + s] = d[i] * np.float32(v - 256 if v > 127 else v)
-        for e in range(256):
-            h, r = e // 128, e % 128
-            g, lo = r // 32, r % 32
-            v = np.int32(b[o + 64 * h + lo + 32 * (g & 1)])
-            low4 = (v & 15) if g < 2 else (v >> 4)
-            hi2 = (np.int32(b[o + 128 + 32 * h + lo]) >> (2 * g)) & 3
-            q[i * 256 + e] = np.int8((low4 | hi2 << 4) - 32)
-
-
-@njit(cache=True)
-def _decode_row(kind, b, d, m, q, sc, mn, table):
-    if kind == Q4_0:
-        _row_q4(b, d, m, q, sc, mn, 18, 2, 8, table, False)
-    elif kind == Q4_1:
-        _row_q4(b, d, m, q, sc, mn, 20, 4, 0, table, False)
-    elif kind == IQ4_NL:
-        _row_q4(b, d, m, q, sc, mn, 18, 2, 0, table, True)
-    elif kind == Q5_0:
-        _row_q5(b, d, m, q, sc, mn, 22, 2, 16)
-    elif kind == Q5_1:
-        _row_q5(b, d, m, q, sc, mn, 24, 4, 0)
-    elif kind == Q8_0:
-        _row_q8_0(b, d, q, sc)
-    elif kind == Q2_K:
-        _row_q2_k(b, d, m, q, sc, mn)
-    elif kind == Q3_K:
-        _row_q3_k(b, d, q, sc)
-    elif kind == Q4_K:
-        _row_q45_k(b, d, m, q, sc, mn, 144, 0, 16)
-    elif kind == Q5_K:
-        _row_q45_k(b, d, m, q, sc, mn, 176, 16, 48)
-    elif kind == Q6_K:
-        _row_q6_k(b, d, q, sc)
+# Packing: raw GGUF rows -> tiles, a tile's rows decoded by blocks.py into q, scales and mins.
 
 
 @njit(cache=True, parallel=True, nogil=True)
-def _pack_tiles(kind, raw, d, m, n_rows, row_len, qs, scales, mins, table, bias, n_workers):
-    # raw uint8 [N, row_bytes]; d, m float32 [N, n_blocks] (m may be [N, 0]).
-    n_tiles = qs.shape[0]
-    ng = scales.shape[1] // TILE
+def _pack_tiles(kind, raw, qs, scales, mins, bias, n_workers):
+    # raw uint8 [N, row_bytes] -> tiles qs [T, K*TILE], scales/mins [T, K//G*TILE] (mins may be
+    # [T, 0]); rows past N (the last tile's padding) are zero.
+    n_rows, n_tiles = raw.shape[0], qs.shape[0]
+    row_len, ng, nm = qs.shape[1] // TILE, scales.shape[1] // TILE, mins.shape[1] // TILE
     for w in prange(n_workers):
-        q = np.empty(row_len, np.int8)
-        sc = np.empty(ng, np.float32)
-        mn = np.empty(ng if mins.shape[1] else 0, np.float32)
+        q = np.empty((TILE, row_len), np.int8)
+        sc = np.empty(TILE * ng, np.float32)  # row r's groups at r * ng
+        mn = np.empty(TILE * nm, np.float32)  # unused without mins
+        rows = np.empty(TILE, np.int64)
         for t in range(w * n_tiles // n_workers, (w + 1) * n_tiles // n_workers):
+            n_real = min(TILE, n_rows - t * TILE)
+            for r in range(n_real):
+                rows[r] = t * TILE + r
+            decode_rows(kind, raw, rows[:n_real], sc, mn, q)
+            q[n_real:] = 0
+            sc[n_real * ng :] = 0
+            mn[n_real * nm :] = 0
             for r in range(TILE):
-                n = t * TILE + r
-                if n >= n_rows:
-                    q[:] = 0
-                    sc[:] = 0
-                    mn[:] = 0
-                else:
-                    _decode_row(kind, raw[n], d[n], m[n], q, sc, mn, table)
                 for k in range(row_len):
                     qs[t, (k >> 2) * QUAD_STRIDE + r * 4 + (k & 3)] = np.uint8(
-                        np.int32(q[k]) + bias
+                        np.int32(q[r, k]) + bias
                     )
                 for g in range(ng):
-                    scales[t, g * TILE + r] = sc[g]
-                for g in range(mn.size):
-                    mins[t, g * TILE + r] = mn[g]
-
-
-def _half_field(blocks: np.ndarray, offset: int) -> np.ndarray:
-    """float32 [N, n_blocks]: the f16 at `offset` of each block of blocks [N, n_blocks, bytes]."""
-    pair = np.ascontiguousarray(blocks[:, :, offset : offset + 2])
-    return pair.view(np.float16)[:, :, 0].astype(np.float32)
+                    scales[t, g * TILE + r] = sc[r * ng + g]
+                for g in range(nm):
+                    mins[t, g * TILE + r] = mn[r * nm + g]
 
 
 def _float_rows(raw: np.ndarray, ggml_type: int, n_rows: int, row_len: int) -> np.ndarray:
@@ -393,16 +228,11 @@ def pack_weights(parts: list[tuple[np.ndarray, int, int]]) -> PackedWeight:
     mins = np.empty((n_tiles, ng * TILE if first.has_min else 0), np.float32)
     bias = 0 if first.has_min else BIAS
     t0 = 0
-    for (raw, ggml_type, _), spec, n in zip(parts, specs, tiles, strict=True):
+    for (raw, ggml_type, _), n in zip(parts, tiles, strict=True):
         raw = np.ascontiguousarray(raw)
-        n_rows = raw.shape[0]
-        blocks = raw.reshape(n_rows, row_len // spec.block, spec.nbytes)
-        d = _half_field(blocks, spec.halves[0])
-        m = _half_field(blocks, spec.halves[1]) if len(spec.halves) > 1 else d[:, :0]
         out = (qs[t0 : t0 + n], scales[t0 : t0 + n], mins[t0 : t0 + n])
-        workers = _workers(n, n_rows * row_len)
-        args = (ggml_type, raw, d, np.ascontiguousarray(m), n_rows, row_len, *out)
-        _pack_tiles(*args, _IQ4_NL_VALUES, bias, workers)
+        workers = _workers(n, raw.shape[0] * row_len)
+        _pack_tiles(ggml_type, raw, *out, bias, workers)
         t0 += n
     kind = first_type if all(t == first_type for _, t, _ in parts) else -1
     n_rows = sum(raw.shape[0] for raw, _, _ in parts)

@@ -272,19 +272,13 @@ def gelu_tanh_mul_ref(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
 
 @njit(cache=True, fastmath=True)
 def _add_rows(a, b):
+    # a[m, :] += b[m, :]; a 1-D b (a bias) is added to every row. b.ndim is a constant when
+    # Numba compiles, so each of the two versions keeps only its own branch.
     for m in range(a.shape[0]):
         ar = a[m]
-        br = b[m]
+        br = b if b.ndim == 1 else b[m]
         for k in range(ar.size):
             ar[k] += br[k]
-
-
-@njit(cache=True, fastmath=True)
-def _add_bias_rows(x, bias):
-    for m in range(x.shape[0]):
-        xr = x[m]
-        for k in range(xr.size):
-            xr[k] += bias[k]
 
 
 @njit(cache=True, fastmath=True)
@@ -303,7 +297,7 @@ def add_(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def add_bias_(x: np.ndarray, bias: np.ndarray) -> np.ndarray:
     """x[m, :] += bias for every row (Qwen2's q/k/v biases); returns x."""
-    _add_bias_rows(x, bias)
+    _add_rows(x, bias)
     return x
 
 

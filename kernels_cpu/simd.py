@@ -6,11 +6,14 @@ vectorized the wrong loop: 10-26 Gmac/s where the hardware gives ~200). These in
 kernel hold `<16 x i32>` / `<16 x float>` values in local variables, which LLVM keeps in
 registers, and use the one instruction that matters for int8 matmuls: VNNI's vpdpbusd (64
 unsigned-by-signed byte products summed into 16 int32 lanes), which Numba never emits by itself.
+The byte-lane ones (load_bytes, the integer operators on I32X16, lookup16, put_lanes) decode
+quantized blocks 16 elements at a time (blocks.py).
 
 Portability: `dot_quads` emits vpdpbusd only when the host CPU has AVX512-VNNI and its `vnni`
 argument is true; otherwise the same sum in generic LLVM IR (widen, multiply, add pairs), which
-LLVM lowers for any target (AVX-512BW: vpmaddwd, ~2.2x slower here from 4 rows on). Numba's
-cache is keyed by the host CPU, so code compiled with VNNI is never loaded on a CPU without it.
+LLVM lowers for any target (AVX-512BW: vpmaddwd, ~2.2x slower here from 4 rows on); likewise
+`lookup16` emits vpermd only where the host has AVX-512F. Numba's cache is keyed by the host
+CPU, so code compiled with VNNI is never loaded on a CPU without it.
 
 No bounds checks: callers index inside their arrays (64 bytes from a byte index, 16 float32).
 Note for the cache: `cache=True` keys on the calling file only; after editing this file, clear
@@ -19,6 +22,7 @@ the kernels' caches (`__pycache__/*.nbi|nbc` of kernels_cpu).
 
 from __future__ import annotations
 
+import operator
 import os
 from typing import Any
 
@@ -26,7 +30,7 @@ import llvmlite.binding as llb
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
-from numba.extending import intrinsic, models, register_model
+from numba.extending import intrinsic, models, overload, register_model
 
 LANES = 16
 
@@ -45,6 +49,7 @@ _I8 = ir.IntType(8)
 _I32 = ir.IntType(32)
 _VI = ir.VectorType(_I32, LANES)
 _VF = ir.VectorType(ir.FloatType(), LANES)
+_VB = ir.VectorType(_I8, LANES)
 _FAST = ("contract",)  # fused multiply-adds, no reordering: the same result in every kernel
 
 
@@ -54,21 +59,49 @@ class _VecModel(models.PrimitiveModel):  # type: ignore[misc]
         super().__init__(dmm, fe_type, _VI if fe_type.kind == "i32" else _VF)
 
 
-def _host_has_vnni() -> bool:
-    # Numba compiles for the host unless told otherwise; an explicit target must name VNNI.
+def _host_has(feature: str) -> bool:
+    # Numba compiles for the host unless told otherwise; an explicit target must name the feature.
     features = os.environ.get("NUMBA_CPU_FEATURES")
     if features is not None or os.environ.get("NUMBA_CPU_NAME", "host") != "host":
-        return "+avx512vnni" in (features or "")
-    return bool(llb.get_host_cpu_features().get("avx512vnni", False))
+        return f"+{feature}" in (features or "")
+    return bool(llb.get_host_cpu_features().get(feature, False))
 
 
-HOST_VNNI = _host_has_vnni()
+HOST_VNNI = _host_has("avx512vnni")
 """Whether dot_quads may use vpdpbusd on this machine."""
+HOST_AVX512 = _host_has("avx512f")
+"""Whether lookup16 may use vpermd on this machine."""
 
 
 def _addr(context: Any, builder: Any, aryty: Any, ary: Any, idx: Any, elt: Any) -> Any:
     data = context.make_array(aryty)(context, builder, ary).data
     return builder.bitcast(builder.gep(data, [idx]), elt.as_pointer())
+
+
+def _load(vty: Any, align: int, extend: str = "") -> Any:
+    """Codegen of `(arr, idx) -> vector`: the vty at arr[idx], widened to int32 lanes by
+    `extend` ("sext" or "zext") when vty is bytes."""
+
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        ptr = _addr(context, builder, sig.args[0], args[0], args[1], vty)
+        value = builder.load(ptr, align=align)
+        return getattr(builder, extend)(value, _VI) if extend else value
+
+    return codegen
+
+
+def _store(vty: Any, align: int) -> Any:
+    """Codegen of `(arr, idx, vector) -> None`: the vector at arr[idx] as vty (truncating int32
+    lanes when vty is bytes)."""
+
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        value = args[2] if args[2].type == vty else builder.trunc(args[2], vty)
+        builder.store(
+            value, _addr(context, builder, sig.args[0], args[0], args[1], vty), align=align
+        )
+        return context.get_dummy_value()
+
+    return codegen
 
 
 def _to_i32(builder: Any, v: Any) -> Any:
@@ -112,11 +145,7 @@ def f32_zero(typingctx: Any) -> Any:
 @intrinsic
 def load_quads(typingctx: Any, arr: Any, idx: Any) -> Any:
     """The 64 bytes at arr[idx:idx+64] (uint8/int8 array), 4 per lane (byte j = k offset j)."""
-
-    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
-        return builder.load(_addr(context, builder, sig.args[0], args[0], args[1], _VI), align=1)
-
-    return I32X16(arr, idx), codegen
+    return I32X16(arr, idx), _load(_VI, 1)
 
 
 @intrinsic
@@ -179,22 +208,13 @@ def dot_quads(typingctx: Any, acc: Any, u: Any, s: Any, vnni: Any) -> Any:
 @intrinsic
 def load_f32(typingctx: Any, arr: Any, idx: Any) -> Any:
     """arr[idx:idx+16] of a float32 array."""
-
-    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
-        return builder.load(_addr(context, builder, sig.args[0], args[0], args[1], _VF), align=4)
-
-    return F32X16(arr, idx), codegen
+    return F32X16(arr, idx), _load(_VF, 4)
 
 
 @intrinsic
 def store_f32(typingctx: Any, arr: Any, idx: Any, value: Any) -> Any:
     """arr[idx:idx+16] = value, into a float32 array."""
-
-    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
-        builder.store(args[2], _addr(context, builder, sig.args[0], args[0], args[1], _VF), align=4)
-        return context.get_dummy_value()
-
-    return types.none(arr, idx, F32X16), codegen
+    return types.none(arr, idx, F32X16), _store(_VF, 4)
 
 
 @intrinsic
@@ -279,14 +299,7 @@ def round_i32(typingctx: Any, v: Any) -> Any:
 @intrinsic
 def store_i8(typingctx: Any, arr: Any, idx: Any, value: Any) -> Any:
     """arr[idx:idx+16] = the low bytes of value's lanes, into an int8 array."""
-
-    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
-        small = ir.VectorType(_I8, LANES)
-        ptr = _addr(context, builder, sig.args[0], args[0], args[1], small)
-        builder.store(builder.trunc(args[2], small), ptr, align=1)
-        return context.get_dummy_value()
-
-    return types.none(arr, idx, I32X16), codegen
+    return types.none(arr, idx, I32X16), _store(_VB, 1)
 
 
 @intrinsic
@@ -297,3 +310,103 @@ def lane_sum(typingctx: Any, v: Any) -> Any:
         return _call(builder, "llvm.vector.reduce.add.v16i32", _I32, [args[0]])
 
     return types.int32(I32X16), codegen
+
+
+# ---------------------------------------------------------------------------------------------
+# Byte lanes and integer lane arithmetic, for decoding quantized blocks (blocks.py)
+
+
+@intrinsic
+def load_bytes(typingctx: Any, arr: Any, idx: Any) -> Any:
+    """The 16 bytes at arr[idx:idx+16], one per int32 lane: sign-extended from an int8 array,
+    zero-extended from any other byte array."""
+    return I32X16(arr, idx), _load(_VB, 1, "sext" if arr.dtype == types.int8 else "zext")
+
+
+@intrinsic
+def lane_index(typingctx: Any) -> Any:
+    """Lanes 0, 1, ..., 15."""
+    return I32X16(), lambda context, builder, sig, args: ir.Constant(_VI, list(range(LANES)))
+
+
+@intrinsic
+def lookup16(typingctx: Any, table: Any, idx: Any) -> Any:
+    """table[idx & 15] in each lane (table, idx: I32X16): one vpermd where the host has
+    AVX-512, else lane by lane in generic LLVM IR."""
+
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        table, idx = args
+        if HOST_AVX512:
+            return _call(builder, "llvm.x86.avx512.permvar.si.512", _VI, [table, idx])
+        idx = builder.and_(idx, _splat(builder, _VI, ir.Constant(_I32, 15)))
+        out = ir.Constant(_VI, ir.Undefined)
+        for lane in range(LANES):
+            pos = ir.Constant(_I32, lane)
+            value = builder.extract_element(table, builder.extract_element(idx, pos))
+            out = builder.insert_element(out, value, pos)
+        return out
+
+    return I32X16(I32X16, I32X16), codegen
+
+
+@intrinsic
+def put_lanes(typingctx: Any, dst: Any, idx: Any, v: Any, s: Any, m: Any) -> Any:
+    """Lanes v, integers of elements idx..idx+15, into dst[idx:idx+16]: as the float32 s * v - m
+    into a float32 array, as their low bytes into an int8 one (s and m unused then).
+
+    s * v is rounded before m is subtracted (no fused multiply-add, no fast-math flags), so
+    each lane is bit for bit the scalar float32 expression. The kind of store is settled when
+    the caller compiles, by dst's type: no branch, and no array passed that is not written.
+    """
+    to_float = dst.dtype == types.float32
+
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        arr, index, lanes, scale, low = args
+        if to_float:
+            value = builder.fsub(builder.fmul(builder.sitofp(lanes, _VF), scale), low)
+            builder.store(value, _addr(context, builder, sig.args[0], arr, index, _VF), align=4)
+        else:
+            ptr = _addr(context, builder, sig.args[0], arr, index, _VB)
+            builder.store(builder.trunc(lanes, _VB), ptr, align=1)
+        return context.get_dummy_value()
+
+    if dst.dtype not in (types.float32, types.int8):
+        return None
+    return types.none(dst, idx, I32X16, F32X16, F32X16), codegen
+
+
+def _lane_operator(pyop: Any, method: str) -> None:
+    """Python's binary operator `pyop` on I32X16 lanes, as the llvmlite builder's `method`:
+    vector op vector, or vector op integer (the integer taken into every lane as int32)."""
+
+    def typer(typingctx: Any, a: Any, b: Any) -> Any:
+        def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+            lhs, rhs = args
+            if sig.args[1] != I32X16:  # an integer, the same in every lane
+                rhs = _splat(builder, _VI, _to_i32(builder, rhs))
+            return getattr(builder, method)(lhs, rhs)
+
+        return I32X16(a, b), codegen
+
+    typer.__name__ = f"lanes_{method}"
+    lanes = intrinsic(typer)
+
+    @overload(pyop, inline="always")
+    def _lanes_op(a, b):  # unannotated: Numba matches it to the lambda's signature
+        if a == I32X16 and (b == I32X16 or isinstance(b, types.Integer)):
+            return lambda a, b: lanes(a, b)
+        return None
+
+
+# &, |, ^, +, - and the shifts work lane by lane on I32X16 values (>> is arithmetic, as on
+# Python's and numpy's signed integers; lanes wrap at 32 bits).
+for _pyop, _method in (
+    (operator.and_, "and_"),
+    (operator.or_, "or_"),
+    (operator.xor, "xor"),
+    (operator.add, "add"),
+    (operator.sub, "sub"),
+    (operator.lshift, "shl"),
+    (operator.rshift, "ashr"),
+):
+    _lane_operator(_pyop, _method)

@@ -1,0 +1,50 @@
+"""The kernels compiled for a CPU without AVX-512 (no vpermd lookups, no VNNI dot products).
+
+Most laptops lack AVX-512, so the portable code paths of simd.py must give the same results as
+the ones this machine uses. A subprocess compiles the decoders, the packing and the int8 matmul
+for LLVM's generic x86-64 target into its own cache and checks them against gguf-py.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = """
+import sys
+import numpy as np
+from gguf.quants import dequantize
+import gguf
+sys.path.insert(0, sys.argv[1])
+from test_matmul import make_raw
+from llmapp.kernels_cpu import blocks, matmul as mm, quants, simd
+assert not simd.HOST_AVX512 and not simd.HOST_VNNI and not mm.USE_VNNI
+x = np.random.default_rng(1).standard_normal((3, 512)).astype(np.float32)
+for kind in blocks.SPECS:
+    raw = make_raw(kind, 40, 512)
+    want = dequantize(raw, gguf.GGMLQuantizationType(kind)).astype(np.float32)
+    np.testing.assert_array_equal(quants.dequantize(raw, kind, 512), want)
+    w = mm.pack_weight(raw, kind, 512)
+    np.testing.assert_array_equal(mm.unpack_weight(w), want)
+    ref = mm.matmul_ref(x, want)
+    got = mm.matmul(x, w)
+    assert np.abs(got - ref).max() <= 0.02 * np.abs(ref).max(), kind
+print("ok", len(blocks.SPECS))
+"""
+
+
+def test_kernels_without_avx512_match_gguf(tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "NUMBA_CPU_NAME": "x86-64-v3",  # AVX2 and FMA: a common laptop
+        "NUMBA_CPU_FEATURES": "",
+        "NUMBA_CACHE_DIR": str(tmp_path / "numba"),
+    }
+    here = str(Path(__file__).parent)
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT, here], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["ok", str(11)]
