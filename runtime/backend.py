@@ -36,6 +36,15 @@ class Backend(Protocol):
     ) -> np.ndarray: ...
 
 
+def _paged_args(
+    q: np.ndarray, kv: Any, batch: ForwardBatch, scale: float, window: int
+) -> tuple[Any, ...]:
+    """paged_attention's arguments (and its reference's) from a batch, less the output."""
+    k_cache, v_cache = kv
+    seqs = (batch.block_tables, batch.seq_lens, batch.query_start_loc, batch.positions)
+    return (q, k_cache, v_cache, *seqs, scale, window)
+
+
 class CPUBackend:
     """Numba kernels on the CPU, threads capped at the cores we may use."""
 
@@ -97,18 +106,7 @@ class CPUBackend:
         self, q: np.ndarray, kv: Any, batch: ForwardBatch, scale: float, window: int
     ) -> np.ndarray:
         out = np.empty_like(q)
-        self._attention.paged_attention(
-            q,
-            kv[0],
-            kv[1],
-            batch.block_tables,
-            batch.seq_lens,
-            batch.query_start_loc,
-            batch.positions,
-            scale,
-            window,
-            out,
-        )
+        self._attention.paged_attention(*_paged_args(q, kv, batch, scale, window), out)
         return out
 
 
@@ -152,17 +150,7 @@ class ReferenceBackend(CPUBackend):
     def attention(
         self, q: np.ndarray, kv: Any, batch: ForwardBatch, scale: float, window: int
     ) -> np.ndarray:
-        return self._attention.paged_attention_ref(
-            q,
-            kv[0],
-            kv[1],
-            batch.block_tables,
-            batch.seq_lens,
-            batch.query_start_loc,
-            batch.positions,
-            scale,
-            window,
-        )
+        return self._attention.paged_attention_ref(*_paged_args(q, kv, batch, scale, window))
 
 
 def make_backend(kind: str = "cpu", n_threads: int | None = None) -> Backend:
