@@ -110,6 +110,6 @@ def forward(
         a = attention_block(cfg, be, layer, h, batch, kv_layers[il], base, window)
         x += be.rms_norm(a, layer["post_attention_norm"], cfg.norm_eps)
         h = be.rms_norm(x, layer["ffn_norm"], cfg.norm_eps)
-        act = be.gelu_tanh_mul(*projections(be, h, layer, "ffn_gate_up"))
+        act = be.gelu_tanh_mul(*projections(be, h, layer, "ffn_gate_up", contiguous=False))
         x += be.rms_norm(be.matmul(act, layer["ffn_down"]), layer["post_ffw_norm"], cfg.norm_eps)
     return output_head(cfg, weights, x[batch.logits_rows], be)

@@ -42,8 +42,15 @@ def _project(be: Backend, h: Array, layer: dict[str, Any], name: str) -> Array:
     return out
 
 
-def projections(be: Backend, h: Array, layer: dict[str, Any], fused: str) -> list[Array]:
-    """Outputs of the matrices fused under `fused` (or of its parts, when not fused)."""
+def projections(
+    be: Backend, h: Array, layer: dict[str, Any], fused: str, contiguous: bool = True
+) -> list[Array]:
+    """Outputs of the matrices fused under `fused` (or of its parts, when not fused).
+
+    With several rows, a fused output's parts are column views; contiguous=False hands them
+    out as they are (to kernels that take strided rows, such as the gated activations)
+    instead of copying each.
+    """
     if fused not in layer:
         from .. import weights as w
 
@@ -52,7 +59,8 @@ def projections(be: Backend, h: Array, layer: dict[str, Any], fused: str) -> lis
 
     out = _project(be, h, layer, fused)
     bounds = list(accumulate(layer[fused + ".splits"]))[:-1]
-    return [p if p.flags.c_contiguous else p.copy() for p in split(out, bounds, axis=1)]
+    parts = split(out, bounds, axis=1)
+    return [p if p.flags.c_contiguous or not contiguous else p.copy() for p in parts]
 
 
 def attention_block(
@@ -92,7 +100,7 @@ def forward(
         h = be.rms_norm(x, layer["attn_norm"], cfg.norm_eps)
         x += attention_block(cfg, be, layer, h, batch, kv_layers[il], cfg.rope_base, 0)
         h = be.rms_norm(x, layer["ffn_norm"], cfg.norm_eps)
-        act = be.swiglu(*projections(be, h, layer, "ffn_gate_up"))
+        act = be.swiglu(*projections(be, h, layer, "ffn_gate_up", contiguous=False))
         x += be.matmul(act, layer["ffn_down"])
     return output_head(cfg, weights, x[batch.logits_rows], be)
 
