@@ -29,8 +29,10 @@ Paths:
 - float (float weights; path="float"): each tile is dequantized to float once into a
   thread-local buffer and a float FMA kernel runs all rows against it, 4 rows per pass;
   ~120 Gmac/s at M=128, a third of the int8 path, but exact in the activations.
-BLAS is not used: it is ~10% faster than the float path at M >= 128 on an idle machine, but
-OpenBLAS's own threads spin after each call and fight the Numba threads for the 2 cores.
+BLAS is not used: it could only serve float weights (it is ~10% faster than the float path at
+M >= 128 on an idle machine, a third of the int8 path's speed), and OpenBLAS's own threads spin
+after each call and fight the Numba threads for the 2 cores. The float path on quantized
+weights (path="float") is kept as a check of the int8 path, exact in the activations.
 Decode is bound by memory, not by these kernels: a Qwen2.5-0.5B step reads 569 MB of packed
 weights (1.45x the file's matrices), so layout size is speed there.
 """
@@ -403,11 +405,12 @@ def _int_tiles(xq, xs, xsum, xcorr, m_rows, wq, ws, wm, group, n_rows, out, t0, 
     for t in range(t0, t1):
         n0 = t * TILE
         nr = min(TILE, n_rows - n0)
+        wqt, wst, wmt = wq[t], ws[t], wm[t]
         for m0 in range(0, m_rows, 4):
             if m_rows - m0 == 1:
-                _dot1_tile(wq[t], ws[t], wm[t], xq, xs, xsum, xcorr, m0, group, o, vnni)
+                _dot1_tile(wqt, wst, wmt, xq, xs, xsum, xcorr, m0, group, o, vnni)
             else:
-                _dot4_tile(wq[t], ws[t], wm[t], xq, xs, xsum, xcorr, m0, group, o, vnni)
+                _dot4_tile(wqt, wst, wmt, xq, xs, xsum, xcorr, m0, group, o, vnni)
             for i in range(min(4, m_rows - m0)):
                 out[m0 + i, n0 : n0 + nr] = o[i * TILE : i * TILE + nr]
 

@@ -28,13 +28,26 @@ from typing import Any
 import numpy as np
 from numba import njit, prange
 
+# the threading layer and wait policy are set before any parallel kernel runs
+from . import threads as _threads  # noqa: F401
+from .blocks import (
+    F16,
+    F32,
+    IQ4_NL,
+    IQ4_NL_VALUES,
+    Q2_K,
+    Q3_K,
+    Q4_0,
+    Q4_1,
+    Q4_K,
+    Q5_0,
+    Q5_1,
+    Q5_K,
+    Q6_K,
+    Q8_0,
+    QK_K,
+)
 from .f16 import f16_bits_to_f32
-
-# ggml type ids (the GGUF format's numbering); kept here so kernels never import the runtime.
-F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 = 0, 1, 2, 3, 6, 7, 8
-Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL = 10, 11, 12, 13, 14, 20
-
-QK_K = 256  # elements per K-quant super-block
 
 _ZERO = np.float32(0.0)
 _ONE = np.float32(1.0)
@@ -44,9 +57,7 @@ _ROUND_MAGIC = np.float32(12582912.0)  # 1.5 * 2^23: adding it rounds a float32 
 _FLT_MAX = np.float32(3.4028234663852886e38)
 
 # Non-linear 4-bit code book of IQ4_NL, and the sums of neighbours its nearest-level search uses.
-_IQ4_NL_VALUES = np.array(
-    [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.int32
-)
+_IQ4_NL_VALUES = IQ4_NL_VALUES.astype(np.int32)
 _IQ4_NL_PAIR_SUMS = np.array(
     [0] + [int(_IQ4_NL_VALUES[j - 1] + _IQ4_NL_VALUES[j]) for j in range(1, 16)],
     dtype=np.float32,

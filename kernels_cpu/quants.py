@@ -19,6 +19,8 @@ from __future__ import annotations
 import numpy as np
 from numba import get_num_threads, njit, prange
 
+# the threading layer and wait policy are set before any parallel kernel runs
+from . import threads as _threads  # noqa: F401
 from .blocks import BF16, F16, F32, SPECS, decode_rows
 from .blocks import IQ4_NL as IQ4_NL
 from .blocks import Q2_K as Q2_K

@@ -63,7 +63,7 @@ def _host_has(feature: str) -> bool:
     # Numba compiles for the host unless told otherwise; an explicit target must name the feature.
     features = os.environ.get("NUMBA_CPU_FEATURES")
     if features is not None or os.environ.get("NUMBA_CPU_NAME", "host") != "host":
-        return f"+{feature}" in (features or "")
+        return f"+{feature}" in (features or "").split(",")
     return bool(llb.get_host_cpu_features().get(feature, False))
 
 

@@ -47,5 +47,10 @@ def test_quad_byte() -> None:
         np.testing.assert_array_equal(out, wu[j::4].astype(np.float32) * 2 + 1)
 
 
-def test_host_flag_is_bool() -> None:
-    assert isinstance(simd.HOST_VNNI, bool)
+def test_host_features_from_an_explicit_target(monkeypatch: pytest.MonkeyPatch) -> None:
+    # With NUMBA_CPU_FEATURES set, a feature counts only when named whole in the list.
+    monkeypatch.setenv("NUMBA_CPU_FEATURES", "+avx2,+avx512fp16,+fma")
+    assert simd._host_has("avx2") and simd._host_has("avx512fp16")
+    assert not simd._host_has("avx512f") and not simd._host_has("avx512vnni")
+    monkeypatch.setenv("NUMBA_CPU_FEATURES", "")
+    assert not simd._host_has("avx2")
