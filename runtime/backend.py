@@ -16,6 +16,10 @@ from llmapp.runtime.batch import ForwardBatch
 class Backend(Protocol):
     name: str
 
+    def bind_thread(self) -> None:
+        """Apply this backend's thread settings to the calling thread (the compute thread)."""
+        ...
+
     def pack(self, raw: np.ndarray, ggml_type: int, row_len: int) -> Any: ...
     def pack_fused(self, parts: list[tuple[np.ndarray, int, int]]) -> Any | None: ...
     def matmul(self, x: np.ndarray, w: Any) -> np.ndarray: ...
@@ -53,13 +57,19 @@ class CPUBackend:
     def __init__(self, n_threads: int | None = None) -> None:
         from llmapp.kernels_cpu import threads
 
-        threads.set_num_threads(n_threads)
+        self._threads = threads
+        self.n_threads = threads.set_num_threads(n_threads)
         from llmapp.kernels_cpu import attention, matmul, ops, quants
 
         self._attention = attention
         self._matmul = matmul
         self._ops = ops
         self._quants = quants
+
+    def bind_thread(self) -> None:
+        # Numba's thread count is per calling thread; the weights were packed on another.
+        if self._threads.get_num_threads() != self.n_threads:
+            self._threads.set_num_threads(self.n_threads)
 
     def pack(self, raw: np.ndarray, ggml_type: int, row_len: int) -> Any:
         return self._matmul.pack_weight(raw, ggml_type, row_len)

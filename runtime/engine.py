@@ -12,29 +12,57 @@ import asyncio
 import queue
 import threading
 import time
+import uuid
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
-from llmapp.runtime.batch import build_batch
+from llmapp.runtime.batch import ForwardBatch, build_batch
 from llmapp.runtime.chat_template import ChatTemplate, encode_prompt
+from llmapp.runtime.compute import ComputeThread
 from llmapp.runtime.errors import GGUFError, LlmappError
 from llmapp.runtime.gguf_file import GGUFFile
 from llmapp.runtime.kv_cache import KVCacheManager
 from llmapp.runtime.metrics import EngineMetrics
 from llmapp.runtime.model_runner import ModelRunner, RunnerOptions
 from llmapp.runtime.sampling import SamplingParams, StopMatcher, check_finish, make_sampler
-from llmapp.runtime.scheduler import Scheduler, SchedulerConfig, Sequence
+from llmapp.runtime.scheduler import Scheduler, SchedulerConfig, SeqStatus, Sequence
 from llmapp.runtime.store import entry_for_path, resolve_model
 from llmapp.runtime.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
 class RequestError(LlmappError):
     """A request the engine cannot serve (too long, empty, bad parameters)."""
+
+
+class ContextLengthError(RequestError):
+    """The prompt does not fit the context one request may use."""
+
+    def __init__(self, n_prompt: int, n_ctx: int) -> None:
+        self.n_prompt = n_prompt
+        self.n_ctx = n_ctx
+        super().__init__(
+            f"the prompt has {n_prompt} tokens, which exceeds the available context size of "
+            f"{n_ctx} tokens (raise --ctx-size or shorten the prompt)"
+        )
+
+
+class QueueFullError(RequestError):
+    """Too many requests are waiting; the caller should retry after a while."""
+
+    def __init__(self, waiting: int, retry_after: float = 1.0) -> None:
+        self.waiting = waiting
+        self.retry_after = retry_after
+        super().__init__(f"the request queue is full ({waiting} waiting); retry shortly")
+
+
+class EngineStoppedError(RequestError):
+    """The engine was shut down, or its compute thread stopped."""
 
 
 @dataclass(frozen=True)
@@ -50,9 +78,17 @@ class Usage:
 
 @dataclass(frozen=True)
 class Timings:
+    """Milliseconds, all measured from the request's arrival in submit()/stream().
+
+    queue_ms: arrival -> first scheduled; prompt_ms: first scheduled -> first token (the
+    prefill, chunks and waits between them included); ttft_ms: arrival -> first token;
+    decode_ms: first token -> last token.
+    """
+
     prompt_ms: float
     decode_ms: float
     ttft_ms: float
+    queue_ms: float = 0.0
 
     def tps(self, usage: Usage) -> tuple[float, float]:
         computed = usage.prompt_tokens - usage.cached_tokens
@@ -83,46 +119,88 @@ class Delta:
 _DONE = object()
 
 
-class RequestStream:
-    """Deltas of one request, readable from a thread or from an asyncio loop."""
+class _Channel:
+    """The engine's end of one request's stream: where its deltas go.
 
-    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop | None) -> None:
-        self._engine = engine
-        self._loop = loop
-        self._sync: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._async: asyncio.Queue[Any] | None = asyncio.Queue() if loop else None
+    It holds no reference to the RequestStream, so a stream its caller dropped can be noticed
+    (a finalizer aborts it) while the engine still holds the channel.
+    """
+
+    __slots__ = ("loop", "sync", "queue", "seq", "finished", "gone", "request_id")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None, request_id: str) -> None:
+        self.loop = loop
+        self.request_id = request_id
+        # Bounded in practice: one item per generated token, and a request ends at the
+        # context size at the latest.
+        self.sync: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.queue: asyncio.Queue[Any] | None = asyncio.Queue() if loop else None
         self.seq: Sequence | None = None
         self.finished = False
+        self.gone = False  # the caller's event loop is closed: nobody can read any more
 
-    def _put(self, item: Any) -> None:
-        if self._loop is not None and self._async is not None:
-            try:
-                self._loop.call_soon_threadsafe(self._async.put_nowait, item)
-            except RuntimeError:  # the loop is closed: nobody is listening any more
-                pass
-        else:
-            self._sync.put(item)
+    def put(self, item: Any) -> None:
+        if self.loop is None or self.queue is None:
+            self.sync.put(item)
+            return
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the loop is closed
+            self.gone = True
+
+    def end(self, delta: Delta) -> None:
+        self.finished = True
+        self.put(delta)
+        self.put(_DONE)
+
+
+class RequestStream:
+    """Deltas of one request, readable from a thread or from an asyncio loop.
+
+    A consumer that goes away aborts the request: breaking out of the iteration, cancelling
+    the task that iterates, or dropping the stream without reading it.
+    """
+
+    def __init__(self, engine: Engine, channel: _Channel) -> None:
+        self._engine = engine
+        self._channel = channel
+        self.id = channel.request_id
+        finalizer = weakref.finalize(self, engine._abort_channel, channel)
+        finalizer.atexit = False
+
+    @property
+    def seq(self) -> Sequence | None:
+        return self._channel.seq
+
+    @property
+    def finished(self) -> bool:
+        return self._channel.finished
 
     def abort(self) -> None:
-        self._engine.abort(self)
+        self._engine._abort_channel(self._channel)
 
     def __iter__(self) -> Iterator[Delta]:
-        while True:
-            item = self._sync.get()
-            if item is _DONE:
-                return
-            yield item
-
-    async def __aiter__(self) -> AsyncIterator[Delta]:
-        assert self._async is not None, "stream was created without an event loop"
         try:
             while True:
-                item = await self._async.get()
+                item = self._channel.sync.get()
                 if item is _DONE:
                     return
                 yield item
         finally:
-            if not self.finished:
+            if not self._channel.finished:
+                self.abort()
+
+    async def __aiter__(self) -> AsyncIterator[Delta]:
+        channel = self._channel
+        assert channel.queue is not None, "stream was created without an event loop"
+        try:
+            while True:
+                item = await channel.queue.get()
+                if item is _DONE:
+                    return
+                yield item
+        finally:
+            if not channel.finished:
                 self.abort()
 
     def result(self) -> tuple[str, list[int], Delta]:
@@ -142,15 +220,29 @@ class RequestStream:
 
 @dataclass
 class _RequestState:
-    stream: RequestStream
+    channel: _Channel
     params: SamplingParams
     sampler: Any
     detok: IncrementalDetokenizer
     stops: StopMatcher
-    submitted: float
+    arrived: float  # perf_counter() when submit()/stream() was called
+    scheduled_at: float = 0.0
     first_token_at: float = 0.0
     last_token_at: float = 0.0
-    pending_ids: list[int] = field(default_factory=list)
+
+
+class Runner(Protocol):
+    """What the engine needs of a model runner (ModelRunner; tests may inject a small one)."""
+
+    config: Any
+    num_blocks: int
+    block_size: int
+
+    def forward(self, batch: ForwardBatch) -> np.ndarray: ...
+    def bind_thread(self) -> None: ...
+
+
+RunnerFactory = Callable[[Path, RunnerOptions], Runner]
 
 
 @dataclass(frozen=True)
@@ -159,61 +251,72 @@ class EngineOptions:
     max_num_seqs: int = 16
     max_batched_tokens: int = 512
     enable_prefix_cache: bool = True
+    max_waiting: int = 256  # requests submitted but not yet running; beyond it QueueFullError
+    max_model_len: int | None = None  # longest context of one request (None: pool and model)
+
+    def __post_init__(self) -> None:
+        if self.max_waiting < 1:
+            raise ValueError("max_waiting must be at least 1")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError("max_model_len must be at least 2 tokens")
+
+
+def _describe(exc: BaseException) -> str:
+    """A request's error message: ours are already sentences; others get their type."""
+    if isinstance(exc, LlmappError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
 
 
 class Engine:
-    """Owns the model and its compute thread. Safe to call from any thread or event loop."""
+    """Owns one model. Safe to call from any thread or event loop.
 
-    def __init__(self, model: str | Path, options: EngineOptions | None = None) -> None:
+    Steps run on the process's one compute thread (runtime/compute.py), shared by every
+    loaded model; each engine's state is touched only there, apart from the inbox.
+    """
+
+    def __init__(
+        self,
+        model: str | Path,
+        options: EngineOptions | None = None,
+        *,
+        runner_factory: RunnerFactory | None = None,
+        compute: ComputeThread | None = None,
+    ) -> None:
         """model: a GGUF file or a catalog name (pulled first if it is not in the store)."""
-        path = resolve_model(str(model))
+        self.path = resolve_model(str(model))
         self.options = options or EngineOptions()
-        self._inbox: queue.SimpleQueue[tuple[str, RequestStream, Any]] = queue.SimpleQueue()
-        self._wake = threading.Event()
-        # Orders submit() against shutdown(): a request is either in the inbox before the
-        # compute thread's last drain or refused, so no caller waits on a stream nobody ends.
+        self._inbox: queue.SimpleQueue[tuple[str, _Channel | None, Any]] = queue.SimpleQueue()
+        # Orders submit() against shutdown() and counts requests not yet finished.
         self._submit_lock = threading.Lock()
         self._stop = False
-        self._go = threading.Event()  # the compute thread waits for the rest of __init__
-        ready = self._start_compute_thread(path)
-        try:
-            # Text handling is built here while the compute thread packs the weights.
-            self._setup_text(path)
-            self.runner = ready()
-            self._setup(path)
-        except BaseException:
-            self._stop = True
-            self._go.set()
-            raise
-        self._go.set()
+        self._closed = threading.Event()
+        self._dead: str | None = None
+        self._open: set[_Channel] = set()
+        self._outstanding = 0
+        ready = self._start_loading(self.path, runner_factory or ModelRunner)
+        # Text handling is built here while the loader thread packs the weights.
+        self._setup_text(self.path)
+        self.runner = ready()
+        self._setup()
+        self._compute = compute or ComputeThread.shared()
+        self._compute.attach(self)
 
-    def _start_compute_thread(self, path: str | Path) -> Callable[[], ModelRunner]:
-        """Start the compute thread and let it build the runner; returns a wait for it.
+    def _start_loading(self, path: Path, factory: RunnerFactory) -> Callable[[], Runner]:
+        """Build the runner on a loader thread; returns a wait for it (re-raising its error)."""
+        built: list[Runner | BaseException] = []
 
-        Numba's thread count is a per-thread setting: the backend applies RunnerOptions.n_threads
-        in the thread that builds it, so the runner is built in the thread that runs the kernels
-        (built here, a compute thread would use every core whatever n_threads says).
-        """
-        built: list[ModelRunner | BaseException] = []
-        ready = threading.Event()
-
-        def main() -> None:
+        def load() -> None:
             try:
-                built.append(ModelRunner(path, self.options.runner))
-            except BaseException as exc:
+                built.append(factory(path, self.options.runner))
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
                 built.append(exc)
-                return
-            finally:
-                ready.set()
-            self._go.wait()
-            if not self._stop:
-                self._loop()
 
-        self._thread = threading.Thread(target=main, name="llmapp-engine", daemon=True)
-        self._thread.start()
+        loader = threading.Thread(target=load, name="llmapp-load", daemon=True)
+        loader.start()
 
-        def wait() -> ModelRunner:
-            ready.wait()
+        def wait() -> Runner:
+            loader.join()
             if isinstance(built[0], BaseException):
                 raise built[0]
             return built[0]
@@ -231,19 +334,20 @@ class Engine:
                     gguf, override=entry.chat_template if entry else None
                 )
         except GGUFError:
-            return  # the compute thread reports the same problem with the file
+            return  # the loader thread reports the same problem with the file
         self.default_stops = tuple(
             dict.fromkeys((*(entry.stop if entry else ()), *self.template.stop_strings))
         )
 
-    def _setup(self, path: str | Path) -> None:
+    def _setup(self) -> None:
         self.config = self.runner.config
         self.kv = KVCacheManager(
             self.runner.num_blocks, self.runner.block_size, self.options.enable_prefix_cache
         )
-        self.max_model_len = min(
-            self.runner.num_blocks * self.runner.block_size, self.config.context_length
-        )
+        pool_tokens = self.runner.num_blocks * self.runner.block_size
+        self.max_model_len = min(pool_tokens, self.config.context_length)
+        if self.options.max_model_len is not None:
+            self.max_model_len = min(self.max_model_len, self.options.max_model_len)
         self.scheduler = Scheduler(
             SchedulerConfig(
                 self.options.max_num_seqs, self.options.max_batched_tokens, self.max_model_len
@@ -261,18 +365,42 @@ class Engine:
         *,
         add_special: bool | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
+        request_id: str | None = None,
     ) -> RequestStream:
         """Queue a request: text (completion), token ids, or chat messages (template applied)."""
-        params = params or SamplingParams()
+        arrived = time.perf_counter()
         ids = self.encode_prompt(prompt, add_special)
+        return self.submit_ids(ids, params, loop=loop, request_id=request_id, arrived=arrived)
+
+    def submit_ids(
+        self,
+        ids: list[int],
+        params: SamplingParams | None = None,
+        *,
+        loop: asyncio.AbstractEventLoop | None = None,
+        request_id: str | None = None,
+        arrived: float | None = None,
+    ) -> RequestStream:
+        """Queue already-encoded prompt ids (checked against the vocabulary by encode_prompt)."""
+        arrived = time.perf_counter() if arrived is None else arrived
         self.check_fits(len(ids))
-        stream = RequestStream(self, loop)
+        channel = _Channel(loop, request_id or f"req-{uuid.uuid4().hex}")
         with self._submit_lock:
-            if self._stop:
-                raise RequestError("the engine has been shut down")
-            self._inbox.put(("add", stream, (ids, params)))
-        self._wake.set()
-        return stream
+            self._check_accepting()
+            self._outstanding += 1
+            self._open.add(channel)
+            self._inbox.put(("add", channel, (ids, params or SamplingParams(), arrived)))
+        self._compute.wake()
+        return RequestStream(self, channel)
+
+    def _check_accepting(self) -> None:
+        if self._dead is not None:
+            raise EngineStoppedError(f"the engine has stopped: {self._dead}")
+        if self._stop:
+            raise EngineStoppedError("the engine has been shut down")
+        waiting = self._outstanding - len(self.scheduler.running)
+        if waiting >= self.options.max_waiting:
+            raise QueueFullError(waiting)
 
     async def stream(
         self,
@@ -280,10 +408,17 @@ class Engine:
         params: SamplingParams | None = None,
         *,
         add_special: bool | None = None,
+        request_id: str | None = None,
     ) -> RequestStream:
-        """submit() for asyncio: iterate the result with `async for`; cancelling aborts."""
+        """submit() for asyncio: iterate the result with `async for`; cancelling aborts.
+
+        Template rendering and tokenizing run in a worker thread: a long prompt must not
+        stall the event loop that serves every other client.
+        """
+        arrived = time.perf_counter()
         loop = asyncio.get_running_loop()
-        return self.submit(prompt, params, add_special=add_special, loop=loop)
+        ids = await asyncio.to_thread(self.encode_prompt, prompt, add_special)
+        return self.submit_ids(ids, params, loop=loop, request_id=request_id, arrived=arrived)
 
     def generate(
         self, prompt: str | Seq[int] | list[dict[str, Any]], params: SamplingParams | None = None
@@ -292,9 +427,12 @@ class Engine:
         return self.submit(prompt, params).result()
 
     def abort(self, stream: RequestStream) -> None:
-        if not stream.finished:
-            self._inbox.put(("abort", stream, None))
-            self._wake.set()
+        stream.abort()
+
+    def _abort_channel(self, channel: _Channel) -> None:
+        if not channel.finished:
+            self._inbox.put(("abort", channel, None))
+            self._compute.wake()
 
     def encode_prompt(
         self, prompt: str | Seq[int] | list[dict[str, Any]], add_special: bool | None = None
@@ -316,27 +454,35 @@ class Engine:
         if n_prompt == 0:
             raise RequestError("the prompt is empty")
         if n_prompt >= self.max_model_len:
-            raise RequestError(
-                f"the prompt has {n_prompt} tokens; the context holds {self.max_model_len} "
-                "(raise --ctx-size or shorten the prompt)"
-            )
+            raise ContextLengthError(n_prompt, self.max_model_len)
 
     def metrics_snapshot(self) -> dict[str, Any]:
         """Counters and latency histograms for front ends (a consistent-enough, lock-free read)."""
         return self.metrics.snapshot(
             running=len(self.scheduler.running),
-            waiting=len(self.scheduler.waiting),
+            waiting=max(0, self._outstanding - len(self.scheduler.running)),
             kv_usage=self.kv.usage,
             prefix=self.kv.prefix_stats(),
         )
 
+    @property
+    def alive(self) -> bool:
+        return self._dead is None and not self._stop
+
     def shutdown(self) -> None:
-        """Stop the compute thread; requests still in flight end with finish_reason 'abort'."""
+        """Stop serving; requests still in flight end with finish_reason 'abort'."""
         with self._submit_lock:
+            if self._stop:
+                return
             self._stop = True
-        self._wake.set()
-        if threading.current_thread() is not self._thread:
-            self._thread.join(timeout=10)
+            self._inbox.put(("shutdown", None, None))
+        thread = self._compute.thread
+        if threading.current_thread() is thread:
+            self._turn()
+        elif self._compute.is_alive():
+            self._compute.wake()
+            self._closed.wait(timeout=10)
+        self._compute.detach(self)
 
     def __enter__(self) -> Engine:
         return self
@@ -346,80 +492,127 @@ class Engine:
 
     # ---- compute thread --------------------------------------------------------------------
 
-    def _loop(self) -> None:
-        while not self._stop:
-            try:
-                self._drain_inbox()
-                if not self.scheduler.has_work():
-                    self._wake.wait(0.5)
-                    self._wake.clear()
-                    continue
-                self.step()
-            except Exception as exc:  # never leave a caller hanging on a dead thread
-                self._fail_all(f"engine error: {exc!r}")
+    def _turn(self) -> bool:
+        """One turn: take requests and aborts, then one step. True while work remains."""
         self._drain_inbox()
-        for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
-            self._finish(seq, "abort")
+        if self._closed.is_set() or not self.scheduler.has_work():
+            return False
+        self.runner.bind_thread()
+        self.step()
+        return self.scheduler.has_work()
+
+    def _compute_died(self, reason: str) -> None:
+        """Called once the compute thread is gone: end every open stream with an error."""
+        with self._submit_lock:
+            self._dead = reason
+            channels = list(self._open)
+            self._open.clear()
+        for channel in channels:
+            if not channel.finished:
+                channel.end(self._final_delta("error", f"the engine has stopped: {reason}"))
+        self._closed.set()
 
     def _drain_inbox(self) -> None:
         while True:
             try:
-                kind, stream, payload = self._inbox.get_nowait()
+                kind, channel, payload = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            if kind == "add":
-                try:
-                    self._add(stream, *payload)
-                except Exception as exc:  # a bad request ends alone; the others go on
-                    stream.finished = True
-                    stream._put(Delta("", (), finish_reason="error", error=repr(exc)))
-                    stream._put(_DONE)
-            elif kind == "abort" and stream.seq is not None and not stream.finished:
-                self._finish(stream.seq, "abort")
+            if kind == "add" and channel is not None:
+                self._add_or_refuse(channel, *payload)
+            elif kind == "abort" and channel is not None:
+                if channel.seq is not None and not channel.finished:
+                    self._finish(channel.seq, "abort")
+            elif kind == "shutdown":
+                self._close()
 
-    def _add(self, stream: RequestStream, ids: list[int], params: SamplingParams) -> None:
-        max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len
-        seq = Sequence(token_ids=list(ids), num_prompt_tokens=len(ids), max_tokens=max_tokens)
+    def _close(self) -> None:
+        for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+            self._finish(seq, "abort")
+        self._closed.set()
+
+    def _add_or_refuse(
+        self, channel: _Channel, ids: list[int], params: SamplingParams, arrived: float
+    ) -> None:
+        if channel.finished:
+            return
+        try:
+            self._add(channel, ids, params, arrived)
+        except Exception as exc:  # a bad request ends alone; the others go on
+            self._release(channel)
+            channel.end(self._final_delta("error", _describe(exc)))
+
+    def _add(
+        self, channel: _Channel, ids: list[int], params: SamplingParams, arrived: float
+    ) -> None:
+        seq = Sequence(token_ids=list(ids), num_prompt_tokens=len(ids))
         seq.payload = _RequestState(
-            stream=stream,
+            channel=channel,
             params=params,
             sampler=make_sampler(params, self.tokenizer.eog_ids),
             detok=IncrementalDetokenizer(self.tokenizer, skip_special=True),
             stops=StopMatcher(tuple(dict.fromkeys((*params.stop, *self.default_stops)))),
-            submitted=time.perf_counter(),
+            arrived=arrived,
         )
-        stream.seq = seq
+        channel.seq = seq
         self.scheduler.add(seq)
         self.metrics.requests_received += 1
 
     def step(self) -> int:
-        """schedule -> run -> update; returns the number of tokens computed."""
-        scheduled = self.scheduler.schedule()
+        """schedule -> run -> update; returns the number of tokens computed.
+
+        A failure is contained where it happens: in the forward pass it ends the sequences of
+        that batch, in one sequence's sampling or text handling it ends that sequence alone.
+        """
+        try:
+            scheduled = self.scheduler.schedule()
+        except Exception as exc:  # the scheduler's state cannot be trusted: end everything
+            self._fail(list(self.scheduler.running) + list(self.scheduler.waiting), exc)
+            return 0
         self.metrics.preemptions += len(scheduled.preempted)
         if not scheduled.seqs:
             return 0
-        entries = []
-        for seq, n in zip(scheduled.seqs, scheduled.num_tokens, strict=True):
-            reaches_end = seq.num_computed + n == len(seq.token_ids)
-            ids = seq.token_ids[: seq.num_computed + n]
-            entries.append((ids, seq.num_computed, seq.blocks.block_table, int(reaches_end)))
-        batch = build_batch(entries, self.runner.block_size)
-        logits = self.runner.forward(batch)
+        self._mark_scheduled(scheduled.seqs)
+        try:
+            batch = self._build_batch(scheduled.seqs, scheduled.num_tokens)
+            logits = self.runner.forward(batch)
+        except Exception as exc:
+            self._fail(scheduled.seqs, exc)
+            return 0
         self._update(scheduled.seqs, scheduled.num_tokens, logits)
         self.metrics.tokens_processed += batch.num_rows
         self.metrics.steps += 1
         return batch.num_rows
+
+    def _mark_scheduled(self, seqs: list[Sequence]) -> None:
+        now = time.perf_counter()
+        for seq in seqs:
+            state: _RequestState = seq.payload
+            if not state.scheduled_at:
+                state.scheduled_at = now
+                self.metrics.observe("queue", now - state.arrived)
+
+    def _build_batch(self, seqs: list[Sequence], counts: list[int]) -> ForwardBatch:
+        entries = []
+        for seq, n in zip(seqs, counts, strict=True):
+            reaches_end = seq.num_computed + n == len(seq.token_ids)
+            ids = seq.token_ids[: seq.num_computed + n]
+            entries.append((ids, seq.num_computed, seq.blocks.block_table, int(reaches_end)))
+        return build_batch(entries, self.runner.block_size)
 
     def _update(self, seqs: list[Sequence], counts: list[int], logits: np.ndarray) -> None:
         row = 0
         now = time.perf_counter()
         for seq, n in zip(seqs, counts, strict=True):
             seq.num_computed += n
-            self.kv.publish_full_blocks(seq.blocks, seq.token_ids, seq.num_computed)
-            if seq.num_computed < len(seq.token_ids):
-                continue  # a prompt chunk: no token yet
-            self._accept_token(seq, logits[row], now)
-            row += 1
+            wants_token = seq.num_computed >= len(seq.token_ids)
+            try:
+                self.kv.publish_full_blocks(seq.blocks, seq.token_ids, seq.num_computed)
+                if wants_token:  # else a prompt chunk: no token yet
+                    self._accept_token(seq, logits[row], now)
+            except Exception as exc:
+                self._fail([seq], exc)
+            row += int(wants_token)
 
     def _accept_token(self, seq: Sequence, logits: np.ndarray, now: float) -> None:
         state: _RequestState = seq.payload
@@ -429,9 +622,10 @@ class Engine:
         self.metrics.tokens_generated += 1
         if not state.first_token_at:
             state.first_token_at = now
-            self.metrics.observe_ttft(now - state.submitted)
+            self.metrics.observe("ttft", now - state.arrived)
+            self.metrics.observe("prefill", now - (state.scheduled_at or now))
         else:
-            self.metrics.observe_itl(now - state.last_token_at)
+            self.metrics.observe("itl", now - state.last_token_at)
         state.last_token_at = now
         reason = check_finish(token, seq.num_generated, state.params, self.tokenizer.eog_ids)
         if reason is None and len(seq.token_ids) >= self.max_model_len:
@@ -444,32 +638,50 @@ class Engine:
         logprob: tuple[TokenLogprob, ...] = ()
         if state.params.logprobs:
             logprob = (TokenLogprob(token, result.logprob, tuple(result.top_logprobs)),)
-        if reason is None:
-            state.stream._put(Delta(emit, (token,), logprob))
-            return
-        if not stopped:
+        if reason is not None and not stopped:
             tail, stopped = state.stops.feed(state.detok.flush())
             emit += tail if stopped else tail + state.stops.flush()
             reason = "stop" if stopped else reason
-        state.stream._put(Delta(emit, (token,), logprob))
-        self._finish(seq, reason)
+        state.channel.put(Delta(emit, (token,), logprob))
+        if reason is None and state.channel.gone:
+            reason = "abort"  # the caller's event loop is closed: nobody reads on
+        if reason is not None:
+            self._finish(seq, reason)
+
+    def _fail(self, seqs: list[Sequence], exc: BaseException) -> None:
+        message = _describe(exc)
+        for seq in seqs:
+            if seq.status is not SeqStatus.FINISHED:
+                self._finish(seq, "error", message)
 
     def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
         state: _RequestState = seq.payload
-        self.metrics.requests_finished += 1  # before the blocks go: observers see both at once
+        self.metrics.record_finish(reason, seq.num_prompt_tokens)  # before the blocks go
         self.scheduler.finish(seq)
-        stream = state.stream
-        stream.finished = True
+        timings = self._timings(state)
+        if state.first_token_at:
+            self.metrics.observe("decode", timings.decode_ms / 1000)
+        self.metrics.observe("e2e", time.perf_counter() - state.arrived)
         usage = Usage(seq.num_prompt_tokens, seq.num_generated, seq.num_cached_prompt)
-        first = state.first_token_at or time.perf_counter()
-        timings = Timings(
-            prompt_ms=(first - state.submitted) * 1000,
-            decode_ms=max(state.last_token_at - first, 0.0) * 1000,
-            ttft_ms=(first - state.submitted) * 1000,
-        )
-        stream._put(Delta("", (), (), reason, usage, timings, error))
-        stream._put(_DONE)
+        self._release(state.channel)
+        state.channel.end(Delta("", (), (), reason, usage, timings, error))
 
-    def _fail_all(self, message: str) -> None:
-        for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
-            self._finish(seq, "error", message)
+    def _timings(self, state: _RequestState) -> Timings:
+        first = state.first_token_at
+        scheduled = state.scheduled_at
+        return Timings(
+            prompt_ms=(first - scheduled) * 1000 if first and scheduled else 0.0,
+            decode_ms=max(state.last_token_at - first, 0.0) * 1000 if first else 0.0,
+            ttft_ms=(first - state.arrived) * 1000 if first else 0.0,
+            queue_ms=(scheduled - state.arrived) * 1000 if scheduled else 0.0,
+        )
+
+    def _release(self, channel: _Channel) -> None:
+        with self._submit_lock:
+            if channel in self._open:
+                self._open.discard(channel)
+                self._outstanding -= 1
+
+    @staticmethod
+    def _final_delta(reason: str, error: str | None) -> Delta:
+        return Delta("", (), (), reason, Usage(0, 0, 0), Timings(0.0, 0.0, 0.0), error)

@@ -53,6 +53,10 @@ class ModelRunner:
         ]
         self.load_seconds = time.perf_counter() - start
 
+    def bind_thread(self) -> None:
+        """Make the calling thread (the compute thread) run kernels with our thread count."""
+        self.backend.bind_thread()
+
     def forward(self, batch: ForwardBatch) -> np.ndarray:
         """Logits [len(batch.logits_rows), n_vocab], float32."""
         return self.arch.forward(self.config, self.weights, batch, self.kv_layers, self.backend)

@@ -31,7 +31,6 @@ _seq_counter = itertools.count()
 class Sequence:
     token_ids: list[int]
     num_prompt_tokens: int
-    max_tokens: int
     seq_id: int = field(default_factory=lambda: next(_seq_counter))
     num_computed: int = 0
     num_cached_prompt: int = 0

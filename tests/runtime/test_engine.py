@@ -412,12 +412,12 @@ def test_metrics_snapshot(smol_engine: Engine) -> None:
         "tokens_processed",
         "tokens_generated",
         "preemptions",
-        "ttft_seconds",
+        "time_to_first_token_seconds",
         "inter_token_latency_seconds",
     ):
         assert key in snap
     assert snap["running"] == snap["waiting"] == 0 and snap["kv_usage_percent"] == 0
-    assert snap["ttft_seconds"]["count"] == before["ttft_seconds"]["count"] + 1
+    assert snap["time_to_first_token_seconds"]["count"] == before["time_to_first_token_seconds"]["count"] + 1
     assert (
         snap["inter_token_latency_seconds"]["count"]
         >= before["inter_token_latency_seconds"]["count"] + 3

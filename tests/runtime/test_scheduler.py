@@ -45,7 +45,8 @@ class FakeEngine:
         return cls(Scheduler(SchedulerConfig(max_seqs, budget, max_len), kv), max_len)
 
     def add(self, prompt: list[int], max_tokens: int) -> Sequence:
-        seq = Sequence(token_ids=list(prompt), num_prompt_tokens=len(prompt), max_tokens=max_tokens)
+        seq = Sequence(token_ids=list(prompt), num_prompt_tokens=len(prompt))
+        seq.payload = max_tokens  # the engine keeps its request state here
         self.sched.add(seq)
         return seq
 
@@ -63,7 +64,7 @@ class FakeEngine:
             if seq.num_computed < len(seq.token_ids):
                 continue
             seq.token_ids.append(_next_token(seq))
-            if seq.num_generated >= seq.max_tokens or len(seq.token_ids) >= self.max_model_len:
+            if seq.num_generated >= seq.payload or len(seq.token_ids) >= self.max_model_len:
                 self.sched.finish(seq)
                 self.finished.append(seq)
         return step
@@ -97,7 +98,7 @@ class FakeEngine:
 
 
 def _expected_tokens(prompt: list[int], max_tokens: int, max_len: int) -> list[int]:
-    seq = Sequence(token_ids=list(prompt), num_prompt_tokens=len(prompt), max_tokens=max_tokens)
+    seq = Sequence(token_ids=list(prompt), num_prompt_tokens=len(prompt))
     while seq.num_generated < max_tokens and len(seq.token_ids) < max_len:
         seq.token_ids.append(_next_token(seq))
     return seq.token_ids
