@@ -417,7 +417,8 @@ def test_metrics_snapshot(smol_engine: Engine) -> None:
     ):
         assert key in snap
     assert snap["running"] == snap["waiting"] == 0 and snap["kv_usage_percent"] == 0
-    assert snap["time_to_first_token_seconds"]["count"] == before["time_to_first_token_seconds"]["count"] + 1
+    ttft = "time_to_first_token_seconds"
+    assert snap[ttft]["count"] == before[ttft]["count"] + 1
     assert (
         snap["inter_token_latency_seconds"]["count"]
         >= before["inter_token_latency_seconds"]["count"] + 3
