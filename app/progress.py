@@ -59,7 +59,11 @@ def _is_tty(stream: TextIO) -> bool:
 
 
 class Progress:
-    """One piece of long work: a bar on a terminal, a line per 10% or 30 s elsewhere."""
+    """One piece of long work: a bar on a terminal, a line per 10% or 30 s elsewhere.
+
+    `delay` holds the display back until the work has taken that long, so quick work (a model
+    that loads in 0.3 s) shows nothing at all.
+    """
 
     def __init__(
         self,
@@ -69,6 +73,7 @@ class Progress:
         unit: str = "B",
         quiet: bool = False,
         stream: TextIO | None = None,
+        delay: float = 0.0,
     ) -> None:
         self.label = label
         self.total = total if total is None or total > 0 else None
@@ -80,19 +85,22 @@ class Progress:
         self._unicode = "utf" in (getattr(self._stream, "encoding", None) or "").lower()
         self._lock = threading.Lock()
         self._start = time.monotonic()
+        self._delay = delay
         self._done = 0.0
         self._detail = ""
         self._last_draw = 0.0
         self._last_log_time = self._start
         self._last_log_step = -1
-        self._drawn = False
+        self._shown = False
         self._closed = False
-        self._ticker: threading.Thread | None = None
-        if not quiet and self.total is None:
-            # Work of unknown size may send no updates for a long while (a compile): keep the
-            # elapsed time moving so it does not look hung.
-            self._ticker = threading.Thread(target=self._tick, daemon=True)
-            self._ticker.start()
+        if quiet:
+            return
+        if delay <= 0:
+            self._show(self._start)
+        if delay > 0 or self.total is None:
+            # Work of unknown size may send no update for a long while (a compile): a ticker
+            # keeps the elapsed time moving, and starts a held-back display on time.
+            threading.Thread(target=self._tick, name="llmapp-progress", daemon=True).start()
 
     def __enter__(self) -> Progress:
         return self
@@ -115,30 +123,41 @@ class Progress:
             if detail is not None:
                 self._detail = detail
             now = time.monotonic()
-            if self._tty:
+            if not self._shown:
+                if now - self._start >= self._delay:
+                    self._show(now)
+            elif self._tty:
                 if now - self._last_draw >= _REDRAW_S or (self.total and done >= self.total):
                     self._draw(now)
             elif self._log_due(now):
                 self._log(now)
 
     def close(self, message: str | None = None) -> None:
-        """End the display: `message` replaces it; None writes a summary; "" writes nothing."""
+        """End the display: `message` replaces it; None writes a summary; "" writes nothing.
+
+        Work that ended before the display began leaves only an explicit message."""
         if self._closed:
             return
-        self._closed = True
-        if self.quiet:
-            return
         with self._lock:
+            self._closed = True
+            if self.quiet:
+                return
             if message is None:
-                message = self._summary(time.monotonic())
-            text = "\r\x1b[K" if self._tty and self._drawn else ""
+                message = self._summary(time.monotonic()) if self._shown else ""
+            text = "\r\x1b[K" if self._tty and self._shown else ""
             self._write(text + (message + "\n" if message else ""))
+
+    def _show(self, now: float) -> None:
+        self._shown = True
+        if self._tty:
+            self._draw(now)
+        else:
+            self._log(now)
 
     # -- terminal ---------------------------------------------------------------------------
 
     def _draw(self, now: float) -> None:
         self._last_draw = now
-        self._drawn = True
         self._write("\r\x1b[K" + self._bar_line(now))
 
     def _bar_line(self, now: float) -> str:
@@ -174,13 +193,18 @@ class Progress:
         return cols if cols >= 20 else 80  # a pty with no size set reports 0
 
     def _tick(self) -> None:
-        while not self._closed:
-            time.sleep(_REDRAW_S if self._tty else 1.0)
+        while True:
+            time.sleep(_REDRAW_S if self._tty or not self._shown else 1.0)
             with self._lock:
-                if self._closed:
+                if self._closed or self.quiet:
                     return
                 now = time.monotonic()
-                if self._tty:
+                if not self._shown:
+                    if now - self._start >= self._delay:
+                        self._show(now)
+                elif self.total is not None:
+                    continue  # updates drive a display of known size
+                elif self._tty:
                     self._draw(now)
                 elif now - self._last_log_time >= _LOG_EVERY_S:
                     self._log(now)
@@ -188,8 +212,6 @@ class Progress:
     # -- logs -------------------------------------------------------------------------------
 
     def _log_due(self, now: float) -> bool:
-        if self._last_log_step < 0:
-            return True  # the first update always shows, so a log says the work began
         if self.total and self._step() > self._last_log_step:
             return True
         return now - self._last_log_time >= _LOG_EVERY_S
@@ -206,6 +228,8 @@ class Progress:
         if self.total:
             pct = f"{min(self._done / self.total, 1.0) * 100:.0f}%"
             line = f"{self.label}: {pct} ({self._amount()}{self._rate(elapsed)})"
+        elif elapsed < 1 and not self._done:
+            line = f"{self.label} ..."  # the work has just begun
         else:
             amount = f"{self._amount()}, " if self._done else ""
             line = f"{self.label}: {amount}{_duration(elapsed)} elapsed"
