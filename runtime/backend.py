@@ -169,3 +169,11 @@ def make_backend(kind: str = "cpu", n_threads: int | None = None) -> Backend:
     if kind == "reference":
         return ReferenceBackend(n_threads)
     raise ValueError(f"unknown backend '{kind}' (cpu, reference)")
+
+
+def physical_cores() -> int:
+    """Physical cores this process may run on (hyperthread siblings once): the CPU backend's
+    default thread count, for front ends that report or choose a thread count."""
+    from llmapp.kernels_cpu.threads import physical_cores as count
+
+    return count()
