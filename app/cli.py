@@ -46,9 +46,17 @@ _FALLBACK_EXAMPLES = {
 
 def _command_modules() -> list[ModuleType]:
     # Each verb module exposes add_parser(subparsers) and run(args) -> int.
-    from llmapp.app.commands import ps_cmds, quantize_cmd, run_cmds, store_cmds, tokenize_cmd
+    from llmapp.app.commands import (
+        chat_cmd,
+        ps_cmds,
+        quantize_cmd,
+        run_cmds,
+        serve_cmd,
+        store_cmds,
+        tokenize_cmd,
+    )
 
-    return [store_cmds, run_cmds, quantize_cmd, tokenize_cmd, ps_cmds]
+    return [store_cmds, run_cmds, serve_cmd, quantize_cmd, tokenize_cmd, ps_cmds, chat_cmd]
 
 
 def version() -> str:

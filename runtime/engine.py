@@ -114,6 +114,9 @@ class Delta:
     usage: Usage | None = None
     timings: Timings | None = None
     error: str | None = None
+    # With an error: "invalid_request" when the request itself was at fault (its parameters
+    # cannot be sampled, say), "internal" for a failure of ours.
+    error_code: str | None = None
 
 
 _DONE = object()
@@ -261,11 +264,11 @@ class EngineOptions:
             raise ValueError("max_model_len must be at least 2 tokens")
 
 
-def _describe(exc: BaseException) -> str:
-    """A request's error message: ours are already sentences; others get their type."""
+def _describe(exc: BaseException) -> tuple[str, str]:
+    """A request's error (message, code): ours are already sentences; others get their type."""
     if isinstance(exc, LlmappError):
-        return str(exc)
-    return f"{type(exc).__name__}: {exc}"
+        return str(exc), "invalid_request"
+    return f"{type(exc).__name__}: {exc}", "internal"
 
 
 class Engine:
@@ -509,7 +512,8 @@ class Engine:
             self._open.clear()
         for channel in channels:
             if not channel.finished:
-                channel.end(self._final_delta("error", f"the engine has stopped: {reason}"))
+                message = f"the engine has stopped: {reason}"
+                channel.end(self._final_delta("error", message, "internal"))
         self._closed.set()
 
     def _drain_inbox(self) -> None:
@@ -540,7 +544,7 @@ class Engine:
             self._add(channel, ids, params, arrived)
         except Exception as exc:  # a bad request ends alone; the others go on
             self._release(channel)
-            channel.end(self._final_delta("error", _describe(exc)))
+            channel.end(self._final_delta("error", *_describe(exc)))
 
     def _add(
         self, channel: _Channel, ids: list[int], params: SamplingParams, arrived: float
@@ -649,12 +653,14 @@ class Engine:
             self._finish(seq, reason)
 
     def _fail(self, seqs: list[Sequence], exc: BaseException) -> None:
-        message = _describe(exc)
+        message, code = _describe(exc)
         for seq in seqs:
             if seq.status is not SeqStatus.FINISHED:
-                self._finish(seq, "error", message)
+                self._finish(seq, "error", message, code)
 
-    def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
+    def _finish(
+        self, seq: Sequence, reason: str, error: str | None = None, code: str | None = None
+    ) -> None:
         state: _RequestState = seq.payload
         self.metrics.record_finish(reason, seq.num_prompt_tokens)  # before the blocks go
         self.scheduler.finish(seq)
@@ -664,7 +670,7 @@ class Engine:
         self.metrics.observe("e2e", time.perf_counter() - state.arrived)
         usage = Usage(seq.num_prompt_tokens, seq.num_generated, seq.num_cached_prompt)
         self._release(state.channel)
-        state.channel.end(Delta("", (), (), reason, usage, timings, error))
+        state.channel.end(Delta("", (), (), reason, usage, timings, error, code))
 
     def _timings(self, state: _RequestState) -> Timings:
         first = state.first_token_at
@@ -683,5 +689,5 @@ class Engine:
                 self._outstanding -= 1
 
     @staticmethod
-    def _final_delta(reason: str, error: str | None) -> Delta:
-        return Delta("", (), (), reason, Usage(0, 0, 0), Timings(0.0, 0.0, 0.0), error)
+    def _final_delta(reason: str, error: str | None, code: str | None) -> Delta:
+        return Delta("", (), (), reason, Usage(0, 0, 0), Timings(0.0, 0.0, 0.0), error, code)

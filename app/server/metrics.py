@@ -1,0 +1,88 @@
+"""GET /metrics: Prometheus text from the engines' own counters (names modelled on vLLM's).
+
+A collector reads each loaded model's snapshot when scraped, so nothing is counted twice and
+a model unloaded and loaded again simply restarts its counters (Prometheus handles resets).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from llmapp.runtime.metrics import HISTOGRAMS
+
+if TYPE_CHECKING:
+    from llmapp.app.server.pool import ModelPool
+
+P = "llmapp:"
+_GAUGES = [
+    ("num_requests_running", "Requests in the running batch.", lambda s: s["running"]),
+    ("num_requests_waiting", "Requests waiting to be scheduled.", lambda s: s["waiting"]),
+    ("kv_cache_usage_perc", "KV cache usage (1 = full).", lambda s: s["kv_usage_percent"] / 100),
+]
+_COUNTERS = [
+    ("prompt_tokens", "Prompt tokens of finished requests.", lambda s: s["prompt_tokens"]),
+    ("generation_tokens", "Generated tokens.", lambda s: s["tokens_generated"]),
+    ("num_preemptions", "Sequences preempted for lack of KV blocks.", lambda s: s["preemptions"]),
+    ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+     lambda s: s["prefix_cache"]["query_tokens"]),
+    ("prefix_cache_hits", "Prompt tokens found in the prefix cache.",
+     lambda s: s["prefix_cache"]["hit_tokens"]),
+]  # fmt: skip
+
+
+class PoolCollector(Collector):
+    def __init__(self, pool: ModelPool) -> None:
+        self.pool = pool
+
+    def collect(self) -> Iterator[Metric]:
+        snaps = [(self.pool.public_name(m.name), m.engine.metrics_snapshot())
+                 for m in self.pool.loaded()]  # fmt: skip
+        for name, doc, read in _GAUGES:
+            family = GaugeMetricFamily(P + name, doc, labels=["model_name"])
+            for model, snap in snaps:
+                family.add_metric([model], float(read(snap)))
+            yield family
+        for name, doc, read in _COUNTERS:
+            counter = CounterMetricFamily(P + name, doc, labels=["model_name"])
+            for model, snap in snaps:
+                counter.add_metric([model], float(read(snap)))
+            yield counter
+        yield self._successes(snaps)
+        for hist_name in HISTOGRAMS.values():
+            yield self._histogram(hist_name, snaps)
+
+    @staticmethod
+    def _successes(snaps: list[tuple[str, dict[str, Any]]]) -> Metric:
+        family = CounterMetricFamily(
+            P + "request_success", "Finished requests by reason.",
+            labels=["model_name", "finished_reason"],
+        )  # fmt: skip
+        for model, snap in snaps:
+            for reason, count in sorted(snap["finished_by_reason"].items()):
+                family.add_metric([model, reason], float(count))
+        return family
+
+    @staticmethod
+    def _histogram(name: str, snaps: list[tuple[str, dict[str, Any]]]) -> Metric:
+        family = HistogramMetricFamily(P + name, name.replace("_", " "), labels=["model_name"])
+        for model, snap in snaps:
+            hist = snap[name]
+            buckets = [(le, float(count)) for le, count in hist["buckets"].items()]
+            family.add_metric([model], buckets, sum_value=hist["sum"])
+        return family
+
+
+def metrics_text(pool: ModelPool) -> tuple[bytes, str]:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(PoolCollector(pool))
+    return generate_latest(registry), CONTENT_TYPE_LATEST
