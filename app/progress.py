@@ -132,6 +132,11 @@ class Progress:
             elif self._log_due(now):
                 self._log(now)
 
+    def set_total(self, total: float) -> None:
+        """Give the size once it is known (work that learns it only after starting)."""
+        with self._lock:
+            self.total = total if total > 0 else None
+
     def close(self, message: str | None = None) -> None:
         """End the display: `message` replaces it; None writes a summary; "" writes nothing.
 
@@ -222,14 +227,15 @@ class Progress:
         return int(min(self._done / self.total, 1.0) / _LOG_STEP + 1e-9)
 
     def _log(self, now: float) -> None:
+        first = self._last_log_step < 0
         self._last_log_time = now
         self._last_log_step = self._step()
         elapsed = now - self._start
         if self.total:
             pct = f"{min(self._done / self.total, 1.0) * 100:.0f}%"
             line = f"{self.label}: {pct} ({self._amount()}{self._rate(elapsed)})"
-        elif elapsed < 1 and not self._done:
-            line = f"{self.label} ..."  # the work has just begun
+        elif first and not self._done:
+            line = f"{self.label} ..."  # the work has just begun (or come into view)
         else:
             amount = f"{self._amount()}, " if self._done else ""
             line = f"{self.label}: {amount}{_duration(elapsed)} elapsed"

@@ -6,15 +6,23 @@ import argparse
 import sys
 from typing import Any
 
+from llmapp.app.commands.run_cmds import add_quiet_option, resolve
+from llmapp.app.progress import Progress
 from llmapp.runtime.ggml_types import type_name
 from llmapp.runtime.quantize import FILE_TYPES, QuantizeReport, TensorResult, quantize_file
-from llmapp.runtime.store import resolve_model
+
+EXAMPLES = """\
+examples:
+  llmapp quantize model-f32.gguf model-q4_k_m.gguf --type Q4_K_M
+  llmapp quantize model-q8_0.gguf model-q2_k.gguf --type q2_k --allow-requantize --quiet"""
 
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "quantize",
         help="write a quantized copy of a GGUF model (llama.cpp's per-tensor type mix)",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("input", metavar="IN", help="model to read: a GGUF file or a catalog name")
     p.add_argument("output", metavar="OUT", help="GGUF file to write (replaced if it exists)")
@@ -33,19 +41,40 @@ def add_parser(sub: Any) -> None:
         action="store_true",
         help="accept an already-quantized input (dequantized first; quality suffers)",
     )
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="a line per tensor on stdout even on a terminal (always there in a log or pipe)",
+    )
+    add_quiet_option(p)
     p.set_defaults(handler=run_quantize)
 
 
 def run_quantize(args: argparse.Namespace) -> int:
-    src = resolve_model(args.input)
-    report = quantize_file(
-        src,
-        args.output,
-        args.type,
-        pure=args.pure,
-        allow_requantize=args.allow_requantize,
-        progress=_print_progress,
-    )
+    src = resolve(args.input, args.quiet)
+    # The per-tensor table is the record of what was done, so a log or a pipe keeps it; on a
+    # terminal a bar says the same without scrolling. The bar shows unless the two would share
+    # one terminal (they would overwrite each other) or one log (the table already counts n/N).
+    out_tty, err_tty = sys.stdout.isatty(), sys.stderr.isatty()
+    table = not args.quiet and (args.verbose or not out_tty)
+    show_bar = not args.quiet and (not table or (err_tty and not out_tty))
+    bar = Progress("quantize", None, unit="tensor", quiet=not show_bar)
+
+    def progress(index: int, total: int, r: TensorResult) -> None:
+        bar.set_total(total)
+        bar.update(index, detail=r.name)
+        if table:
+            _print_progress(index, total, r)
+
+    with bar:
+        report = quantize_file(
+            src,
+            args.output,
+            args.type,
+            pure=args.pure,
+            allow_requantize=args.allow_requantize,
+            progress=progress,
+        )
     _print_summary(report)
     return 0
 

@@ -3,17 +3,120 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
+import importlib.util
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
+from llmapp.app.progress import Progress, stage_progress
 from llmapp.runtime.errors import LlmappError
 
+COMPILE_LABEL = "compiling kernels, once, ~20 s"
+# The kernel modules every model's forward pass compiles; one without a fresh cache entry
+# means the first run will compile for a while.
+_RUN_KERNEL_MODULES = ("matmul", "attention", "ops")
 
-def _physical_cores() -> int:
-    return max(1, len(os.sched_getaffinity(0)))
+
+def _numba_cache_dirs(package_dir: Path) -> list[Path]:
+    # Where Numba keeps a module's compiled functions (numba.core.caching's locators):
+    # $NUMBA_CACHE_DIR/<dir name>_<sha1 of the dir>, else __pycache__ beside the source when it
+    # is writable, else the same subfolder of the user-wide cache.
+    sub = f"{package_dir.name}_{hashlib.sha1(str(package_dir).encode()).hexdigest()}"
+    custom = os.environ.get("NUMBA_CACHE_DIR")
+    if custom:
+        return [Path(custom) / sub]
+    import platformdirs
+
+    user_wide = Path(platformdirs.user_cache_dir("numba", appauthor=False)) / sub
+    return [package_dir / "__pycache__", user_wide]
+
+
+def kernel_cache_is_cold() -> bool:
+    """True when the CPU kernels have no compiled copy newer than their source on disk."""
+    # find_spec locates the package without running its code (which would import Numba).
+    spec = importlib.util.find_spec("llmapp.kernels_cpu")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    package_dir = Path(os.path.abspath(next(iter(spec.submodule_search_locations))))
+    dirs = _numba_cache_dirs(package_dir)
+    for module in _RUN_KERNEL_MODULES:
+        try:
+            stamp = (package_dir / f"{module}.py").stat().st_mtime
+        except OSError:
+            return False
+        indexes = (index for d in dirs for index in d.glob(f"{module}.*.nbi"))
+        if not any(index.stat().st_mtime >= stamp for index in indexes):
+            return True
+    return False
+
+
+class LoadProgress:
+    """From opening a model until its first forward pass is done: the first-ever kernel
+    compile (announced at once), or a plain load that only shows when it takes over a second."""
+
+    def __init__(self, model: str, quiet: bool) -> None:
+        self.cold = kernel_cache_is_cold()
+        label = COMPILE_LABEL if self.cold else f"loading {model}"
+        self._start = time.monotonic()
+        self._progress = Progress(label, None, quiet=quiet, delay=0.0 if self.cold else 1.0)
+
+    def done(self) -> None:
+        took = time.monotonic() - self._start
+        note = f"kernels compiled in {took:.0f} s (cached for later runs)" if self.cold else ""
+        self._progress.close(note)
+
+    def __enter__(self) -> LoadProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.close("")
+
+
+def resolve(model: str, quiet: bool = False) -> Path:
+    """A model argument -> its file; a catalog model not pulled yet is pulled, with progress."""
+    from llmapp.runtime import store
+
+    entry = store.catalog().get(model)
+    if entry is None or Path(model).expanduser().is_file() or store.is_verified(entry):
+        return store.resolve_model(model)
+    with stage_progress(f"pulling {model}", quiet=quiet) as progress:
+        return store.pull(model, progress=progress)
+
+
+def physical_cores() -> int:
+    from llmapp.runtime.backend import physical_cores as count
+
+    return count()
+
+
+EXAMPLES = {
+    "run": """\
+  llmapp run smollm2:135m "Why is the sky blue?"
+  llmapp run qwen2.5-coder:0.5b --temperature 0 --max-tokens 64 - < question.txt""",
+    "perplexity": """\
+  llmapp perplexity gemma3:270m text.txt --ctx 256 --chunks 16
+  llmapp perplexity smollm2:135m text.txt --json --quiet""",
+    "bench": """\
+  llmapp bench qwen2.5-coder:0.5b -p 128,512 -n 64 -r 5 --peer
+  llmapp bench smollm2:135m --concurrency 8 --shared-prefix 1000 --json""",
+}
+
+
+def _examples(verb: str) -> dict[str, Any]:
+    return {
+        "epilog": "examples:\n" + EXAMPLES[verb],
+        "formatter_class": argparse.RawDescriptionHelpFormatter,
+    }
+
+
+def add_quiet_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress on stderr (loading, compiling)"
+    )
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
@@ -33,7 +136,9 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser("run", help="generate a reply to a prompt, streamed to stdout")
+    p = sub.add_parser(
+        "run", help="generate a reply to a prompt, streamed to stdout", **_examples("run")
+    )
     p.add_argument("model", help="catalog name or path to a .gguf file")
     p.add_argument("prompt", nargs="?", default=None, help="prompt text, or - for stdin")
     p.add_argument("--file", type=Path, default=None, help="read the prompt from a file")
@@ -41,26 +146,35 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--raw", action="store_true", help="plain completion, no chat template")
     p.add_argument("--json", action="store_true", help="print one JSON line after generation")
     p.add_argument("--verbose", action="store_true", help="print speeds to stderr")
+    add_quiet_option(p)
     add_sampling_options(p)
     add_model_options(p)
     p.set_defaults(handler=cmd_run)
 
-    p = sub.add_parser("perplexity", help="perplexity of a text file (llama.cpp's method)")
-    p.add_argument("model")
-    p.add_argument("file", type=Path)
-    p.add_argument("--ctx", type=int, default=256)
-    p.add_argument("--chunks", type=int, default=-1)
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--threads", type=int, default=None)
+    p = sub.add_parser(
+        "perplexity",
+        help="perplexity of a text file (llama.cpp's method)",
+        **_examples("perplexity"),
+    )
+    p.add_argument("model", metavar="MODEL", help="catalog name or path to a .gguf file")
+    p.add_argument("file", metavar="FILE", type=Path, help="UTF-8 text to score")
+    p.add_argument("--ctx", type=int, default=256, help="tokens per chunk (default 256)")
+    p.add_argument("--chunks", type=int, default=-1, help="chunks to score (default: all)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--threads", type=int, default=None, help="compute threads (default: cores)")
+    add_quiet_option(p)
     p.set_defaults(handler=cmd_perplexity)
 
-    p = sub.add_parser("bench", help="prefill and decode speed (like llama-bench)")
-    p.add_argument("model")
+    p = sub.add_parser(
+        "bench", help="prefill and decode speed (like llama-bench)", **_examples("bench")
+    )
+    p.add_argument("model", metavar="MODEL", help="catalog name or path to a .gguf file")
     p.add_argument("-p", "--prompts", default="128,512", help="prompt lengths, comma separated")
     p.add_argument("-n", "--n-gen", type=int, default=64)
     p.add_argument("-r", "--repeats", type=int, default=5)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="compute threads (default: cores)")
     p.add_argument("--json", action="store_true")
+    add_quiet_option(p)
     p.add_argument("--peer", action="store_true", help="also measure llama.cpp (llama-cpp-python)")
     p.add_argument(
         "--concurrency",
@@ -105,46 +219,51 @@ def sampling_params(args: argparse.Namespace) -> Any:
     )
 
 
-def open_engine(model: str, ctx_size: int, threads: int | None) -> Any:
+def open_engine(model: str, ctx_size: int, threads: int | None, quiet: bool = False) -> Any:
     from llmapp.runtime.engine import Engine, EngineOptions
     from llmapp.runtime.model_runner import RunnerOptions
-    from llmapp.runtime.store import resolve_model
 
-    path = resolve_model(model)
+    path = resolve(model, quiet)
     return Engine(path, EngineOptions(runner=RunnerOptions(ctx_size=ctx_size, n_threads=threads)))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     params = sampling_params(args)
     text = read_prompt(args)
-    engine = open_engine(args.model, args.ctx_size, args.threads)
-    try:
-        prompt: Any = text
-        if not args.raw:
-            prompt = [{"role": "system", "content": args.system}] if args.system else []
-            prompt.append({"role": "user", "content": text})
-        stream = engine.submit(prompt, params)
-        pieces: list[str] = []
-        ids: list[int] = []
-        last = None
+    with LoadProgress(args.model, args.quiet) as loading:
+        engine = open_engine(args.model, args.ctx_size, args.threads, args.quiet)
         try:
-            for delta in stream:
-                pieces.append(delta.text)
-                ids.extend(delta.token_ids)
-                last = delta
-                if not args.json and delta.text:
-                    sys.stdout.write(delta.text)
-                    sys.stdout.flush()
-        except KeyboardInterrupt:
-            stream.abort()
-            print("", file=sys.stderr)
-            return 130
-        assert last is not None
-        if last.error:
-            raise LlmappError(last.error)
-        report(args, "".join(pieces), ids, last)
-    finally:
-        engine.shutdown()
+            prompt: Any = text
+            if not args.raw:
+                prompt = [{"role": "system", "content": args.system}] if args.system else []
+                prompt.append({"role": "user", "content": text})
+            return stream_reply(args, engine.submit(prompt, params), loading)
+        finally:
+            engine.shutdown()
+
+
+def stream_reply(args: argparse.Namespace, stream: Any, loading: LoadProgress) -> int:
+    pieces: list[str] = []
+    ids: list[int] = []
+    last = None
+    try:
+        for delta in stream:
+            if last is None:
+                loading.done()  # the first token ends the load (and any first-ever compile)
+            pieces.append(delta.text)
+            ids.extend(delta.token_ids)
+            last = delta
+            if not args.json and delta.text:
+                sys.stdout.write(delta.text)
+                sys.stdout.flush()
+    except KeyboardInterrupt:
+        stream.abort()
+        print("", file=sys.stderr)
+        return 130
+    assert last is not None
+    if last.error:
+        raise LlmappError(last.error)
+    report(args, "".join(pieces), ids, last)
     return 0
 
 
@@ -177,18 +296,19 @@ def report(args: argparse.Namespace, text: str, ids: list[int], last: Any) -> No
 
 def cmd_perplexity(args: argparse.Namespace) -> int:
     from llmapp.runtime.model_runner import ModelRunner, RunnerOptions
-    from llmapp.runtime.perplexity import perplexity
-    from llmapp.runtime.store import resolve_model
     from llmapp.runtime.tokenizer import Tokenizer
 
     try:
         text = args.file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise LlmappError(f"cannot read {args.file}: {exc}") from exc
-    runner = ModelRunner(
-        resolve_model(args.model), RunnerOptions(ctx_size=max(args.ctx, 16), n_threads=args.threads)
-    )
-    result = perplexity(runner, Tokenizer.from_gguf(runner.gguf), text, args.ctx, args.chunks)
+    with LoadProgress(args.model, args.quiet) as loading:
+        runner = ModelRunner(
+            resolve(args.model, args.quiet),
+            RunnerOptions(ctx_size=max(args.ctx, 16), n_threads=args.threads),
+        )
+        tokenizer = Tokenizer.from_gguf(runner.gguf)
+        result = perplexity_with_progress(runner, tokenizer, text, args, loading)
     if args.json:
         print(json.dumps({"ppl": result.ppl, "tokens": result.tokens, "chunks": result.chunks}))
     else:
@@ -197,26 +317,62 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     return 0
 
 
+def perplexity_with_progress(
+    runner: Any, tokenizer: Any, text: str, args: argparse.Namespace, loading: LoadProgress
+) -> Any:
+    """runtime.perplexity's computation, chunk by chunk, showing the running value.
+
+    The runtime's perplexity() takes no progress callback, so its steps are run here from the
+    same public pieces; tests check the two give the same figure."""
+    import numpy as np
+
+    from llmapp.runtime.perplexity import PerplexityResult, chunk_logits, log_softmax_at
+
+    ctx = args.ctx
+    tokens = tokenizer.encode(text, add_bos=None)
+    if len(tokens) < 2 * ctx:
+        raise LlmappError(
+            f"the text has {len(tokens)} tokens; --ctx {ctx} needs at least {2 * ctx}"
+        )
+    n_chunk = len(tokens) // ctx if args.chunks < 0 else min(args.chunks, len(tokens) // ctx)
+    first, nll, count = ctx // 2, 0.0, 0
+    with Progress("perplexity", n_chunk, unit="chunk", quiet=args.quiet, delay=1.0) as bar:
+        for i in range(n_chunk):
+            ids = tokens[i * ctx : (i + 1) * ctx]
+            if tokenizer.add_bos:
+                ids[0] = tokenizer.bos_id
+            logits = chunk_logits(runner, ids, first, 512)  # positions first..ctx-1
+            loading.done()
+            targets = np.asarray(tokens[i * ctx + first + 1 : (i + 1) * ctx], dtype=np.int64)
+            nll -= float(log_softmax_at(logits[: len(targets)], targets).sum())
+            count += len(targets)
+            bar.update(i + 1, detail=f"ppl {np.exp(nll / count):.4f}")
+    return PerplexityResult(float(np.exp(nll / count)), len(tokens), n_chunk, count)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from llmapp.runtime.bench import OurBench, run_bench
     from llmapp.runtime.model_runner import ModelRunner, RunnerOptions
-    from llmapp.runtime.store import resolve_model
 
     try:
         prompts = [int(p) for p in args.prompts.split(",") if p]
     except ValueError as exc:
         raise LlmappError(f"-p takes comma-separated integers, got {args.prompts!r}") from exc
     check_bench_args(args)
-    threads = args.threads or _physical_cores()
-    path = resolve_model(args.model)
-    # The engine goes first, and its compute thread has ended before the main thread runs any
-    # kernel: with OpenMP, kernels launched from one thread while another thread that launched
-    # some is still alive ran ~1.8x slower here (each thread has its own pool of workers).
-    engine_out = (
-        engine_figures(path, threads, args) if args.concurrency or args.shared_prefix else {}
-    )
-    ctx = max(prompts + [128 + args.n_gen]) + 16
-    runner = ModelRunner(path, RunnerOptions(ctx_size=ctx, n_threads=threads))
+    threads = args.threads or physical_cores()
+    with LoadProgress(args.model, args.quiet) as loading:
+        path = resolve(args.model, args.quiet)
+        # The engine goes first, and its compute thread has ended before the main thread runs
+        # any kernel: with OpenMP, kernels launched from one thread while another thread that
+        # launched some is still alive ran ~1.8x slower here (each thread has its own pool).
+        engine_out = (
+            engine_figures(path, threads, args, loading)
+            if args.concurrency or args.shared_prefix
+            else {}
+        )
+        ctx = max(prompts + [128 + args.n_gen]) + 16
+        runner = ModelRunner(path, RunnerOptions(ctx_size=ctx, n_threads=threads))
+        loading.done()
     ours = run_bench(OurBench(runner), prompts, args.n_gen, args.repeats)
     del runner
     out: dict[str, Any] = {"model": args.model, "threads": threads, **ours.as_dict(), **engine_out}
@@ -238,7 +394,9 @@ def check_bench_args(args: argparse.Namespace) -> None:
         raise LlmappError("-n and -r take positive numbers")
 
 
-def engine_figures(path: Path, threads: int, args: argparse.Namespace) -> dict[str, Any]:
+def engine_figures(
+    path: Path, threads: int, args: argparse.Namespace, loading: LoadProgress
+) -> dict[str, Any]:
     """Sessions at once and cached-prefix TTFT, measured through the engine."""
     from llmapp.runtime.bench import (
         DECODE_PROMPT,
@@ -261,6 +419,7 @@ def engine_figures(path: Path, threads: int, args: argparse.Namespace) -> dict[s
     with Engine(path, opts) as engine:
         bench = EngineBench(engine)
         engine.generate(random_tokens(32, engine.config.n_vocab), None)  # warm-up
+        loading.done()
         if n:
             bench.concurrent(n, min(args.n_gen, 4), prompt_len=16)  # warm-up: batched shapes
             out.update(

@@ -7,13 +7,23 @@ import json
 import sys
 from typing import Any
 
+from llmapp.app.commands.run_cmds import resolve
 from llmapp.runtime.gguf_file import GGUFFile
-from llmapp.runtime.store import resolve_model
 from llmapp.runtime.tokenizer import Tokenizer
+
+EXAMPLES = """\
+examples:
+  llmapp tokenize smollm2:135m "Hello world"
+  llmapp tokenize gemma3:270m --json --special - < prompt.txt"""
 
 
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser("tokenize", help="show the token ids and pieces of a text")
+    p = sub.add_parser(
+        "tokenize",
+        help="show the token ids and pieces of a text",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("model", metavar="MODEL", help="catalog name (pulled on first use) or path")
     p.add_argument(
         "text", metavar="TEXT", nargs="?", default="-", help="the text; '-' or none reads stdin"
@@ -28,7 +38,7 @@ def add_parser(sub: Any) -> None:
 
 def run_tokenize(args: argparse.Namespace) -> int:
     text = sys.stdin.read() if args.text == "-" else args.text
-    path = resolve_model(args.model)
+    path = resolve(args.model)
     with GGUFFile(path) as gguf:
         tokenizer = Tokenizer.from_gguf(gguf)
     ids = tokenizer.encode(text, add_bos=args.bos, parse_special=args.special)
