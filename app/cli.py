@@ -41,6 +41,7 @@ _FALLBACK_EXAMPLES = {
     "list": "llmapp list\nllmapp list --all --json",
     "show": "llmapp show qwen2.5-coder:0.5b\nllmapp show ./my-model.gguf --json",
     "rm": "llmapp rm qwen2.5-coder:0.5b",
+    "chat": "llmapp chat smollm2:135m\nllmapp chat --list",
 }
 
 

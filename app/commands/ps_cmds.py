@@ -123,6 +123,8 @@ def run_ps(args: argparse.Namespace) -> int:
         return 0
     models = data.get("models", []) if isinstance(data, dict) else []
     print_ps_table(models, now=time.time())
+    if not models:
+        print("no models loaded; one loads on its first request", file=sys.stderr)
     return 0
 
 
