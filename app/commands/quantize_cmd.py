@@ -61,10 +61,16 @@ def run_quantize(args: argparse.Namespace) -> int:
     bar = Progress("quantize", None, unit="tensor", quiet=not show_bar)
 
     def progress(index: int, total: int, r: TensorResult) -> None:
+        nonlocal table
         bar.set_total(total)
         bar.update(index, detail=r.name)
         if table:
-            _print_progress(index, total, r)
+            try:
+                _print_progress(index, total, r)
+            except BrokenPipeError:
+                # The reader of the table left (`| head`): the file being written is the point,
+                # so finish it; the summary's write then ends the command with status 141.
+                table = False
 
     with bar:
         report = quantize_file(
