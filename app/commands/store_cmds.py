@@ -6,17 +6,32 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
+from llmapp.app.progress import human_bytes, stage_progress
 from llmapp.runtime import store
 from llmapp.runtime.config import load_config
+from llmapp.runtime.download import Interrupted
+from llmapp.runtime.errors import ModelNotFoundError
 from llmapp.runtime.gguf_file import GGUFFile
+
+_PULL_HELP = "download a model: a catalog name, hf.co/USER/REPO[:QUANT], hf.co/USER/REPO/FILE.gguf"
 
 
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser("pull", help="download a catalog model into the store")
-    p.add_argument("name", metavar="NAME", help="catalog name, e.g. smollm2:135m")
+    p = sub.add_parser("pull", help=_PULL_HELP + " or an http(s) URL of a .gguf file")
+    p.add_argument(
+        "name",
+        metavar="MODEL",
+        help="smollm2:135m, hf.co/USER/REPO:Q4_K_M, hf.co/USER/REPO/FILE.gguf, https://.../x.gguf",
+    )
     p.add_argument("--force", action="store_true", help="download again even if present")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    p.add_argument("--sha256", metavar="HEX", help="URL pulls: the file's expected sha256")
+    p.add_argument(
+        "--name", dest="as_name", metavar="NAME", help="URL pulls: the model's name in the store"
+    )
+    p.add_argument("--revision", metavar="REV", help="hub pulls: branch, tag or commit (main)")
     p.set_defaults(handler=run_pull)
 
     p = sub.add_parser("list", help="list pulled models")
@@ -28,63 +43,47 @@ def add_parser(sub: Any) -> None:
     p.add_argument("name", metavar="NAME")
     p.set_defaults(handler=run_rm)
 
-    p = sub.add_parser("show", help="describe a model (catalog name or GGUF file)")
-    p.add_argument("model", metavar="MODEL", help="catalog name (pulled on first use) or path")
+    p = sub.add_parser("show", help="describe a model (a name as for pull, or a GGUF file)")
+    p.add_argument("model", metavar="MODEL", help="model name (pulled on first use) or path")
     p.add_argument("--json", action="store_true", help="print JSON on stdout")
     p.set_defaults(handler=run_show)
 
 
-class _ProgressPrinter:
-    """Pull progress on stderr: a live percentage on a terminal, one line per stage otherwise."""
-
-    def __init__(self, out: TextIO) -> None:
-        self._out = out
-        self._tty = out.isatty()
-        self._last: tuple[str, int] | None = None
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        percent = done * 100 // total if total else 100
-        if self._tty:
-            if (stage, percent) != self._last:
-                self._out.write(f"\r\x1b[K{stage}: {percent}% of {_megabytes(total)}")
-                self._out.flush()
-        elif self._last is None or self._last[0] != stage:
-            self._out.write(f"{stage}\n")
-            self._out.flush()
-        self._last = (stage, percent)
-
-    def finish(self) -> None:
-        if self._tty and self._last is not None:
-            self._out.write("\n")
-        self._last = None
+def _notice(message: str) -> None:
+    # On a terminal the progress bar owns the current line: clear it first; it redraws itself.
+    clear = "\r\x1b[K" if sys.stderr.isatty() else ""
+    print(f"{clear}llmapp: {message}", file=sys.stderr)
 
 
-def _megabytes(n: int) -> str:
-    return f"{n / 1e6:.1f} MB"
-
-
-def _pull_with_progress(name: str, force: bool = False) -> Path:
-    printer = _ProgressPrinter(sys.stderr)
-    try:
-        return store.pull(name, progress=printer, force=force)
-    except KeyboardInterrupt:
-        printer.finish()
-        print(f"llmapp: pull of {name} interrupted; nothing was kept", file=sys.stderr)
-        raise
-    finally:
-        printer.finish()
+def _pull(name: str, quiet: bool = False, **options: Any) -> store.Pulled:
+    """store.pull_model with progress on stderr and a clear word on Ctrl-C."""
+    with stage_progress(quiet=quiet) as progress:
+        try:
+            return store.pull_model(name, progress=progress, notify=_notice, **options)
+        except KeyboardInterrupt as exc:
+            progress.close()
+            if isinstance(exc, Interrupted):
+                kept = f"the partial download is kept: run `llmapp pull {name}` again to resume"
+            else:
+                kept = "nothing was kept"
+            print(f"llmapp: pull of {name} interrupted; {kept}", file=sys.stderr)
+            raise
 
 
 def run_pull(args: argparse.Namespace) -> int:
-    entry = store.get_entry(args.name)
-    if not args.force and store.is_verified(entry):
-        print(f"{args.name} is already pulled", file=sys.stderr)
-        path = store.model_path(entry)
-    else:
-        path = _pull_with_progress(args.name, force=args.force)
-        print(f"pulled {args.name} ({_megabytes(entry.size)}, sha256 verified)", file=sys.stderr)
-    print(path)
+    options = {"sha256": args.sha256, "as_name": args.as_name, "revision": args.revision}
+    result = _pull(args.name, args.quiet, force=args.force, **options)
+    if not result.fresh:
+        print(f"{result.name} is already pulled", file=sys.stderr)
+    elif not args.quiet:
+        size = human_bytes(result.size)
+        print(f"pulled {result.name} ({size}, {result.checked})", file=sys.stderr)
+    print(result.paths[0])
     return 0
+
+
+def _size(info: store.ModelInfo) -> str:
+    return ("~" if info.approx else "") + human_bytes(info.size)
 
 
 def run_list(args: argparse.Namespace) -> int:
@@ -92,10 +91,12 @@ def run_list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"models": [info.to_json() for info in infos]}, indent=2))
         return 0
-    rows: list[tuple[str, ...]] = [("NAME", "SIZE", "QUANT", "STATUS", "PATH")]
+    header = ("NAME", "SIZE", "QUANT", "STATUS", "PATH") + (("SOURCE",) if args.all else ())
+    rows: list[tuple[str, ...]] = [header]
     for info in infos:
         status = "verified" if info.verified else "pulled" if info.pulled else "-"
-        rows.append((info.name, _megabytes(info.size), info.quant, status, str(info.path)))
+        row = (info.name, _size(info), info.quant, status, str(info.path))
+        rows.append(row + ((info.source,) if args.all else ()))
     _print_table(rows)
     if not infos:
         print("no models pulled; `llmapp list --all` shows the catalog", file=sys.stderr)
@@ -114,14 +115,21 @@ def run_rm(args: argparse.Namespace) -> int:
     return 0
 
 
-def _resolve_for_show(model: str) -> tuple[Path, store.CatalogEntry | None]:
+def _resolve_for_show(model: str) -> tuple[Path, store.CatalogEntry | None, str | None]:
+    """The file to describe, its catalog entry (for overrides) and the name it goes by."""
     given = Path(model).expanduser()
     if given.is_file():
-        return given.absolute(), store.entry_for_path(given)
+        return given.absolute(), store.entry_for_path(given), None
     entry = store.catalog().get(model)
-    if entry is not None and not store.is_verified(entry):
-        return _pull_with_progress(model), entry  # pulled on first use, as run does
-    return store.resolve_model(model), entry
+    try:
+        if entry is not None and not store.is_verified(entry):
+            raise ModelNotFoundError(model)  # present but never checked: the pull checks it
+        path = store.resolve_model(model, pull=False)
+    except ModelNotFoundError:
+        if not store.is_model_name(model):
+            raise
+        path = _pull(model).paths[0]  # pulled on first use, as run does
+    return path, entry, store.canonical_name(model)
 
 
 _STOP_TOKEN_KEYS = (
@@ -144,20 +152,23 @@ def _stop_tokens(gguf: GGUFFile) -> list[dict[str, Any]]:
     return found
 
 
-def model_summary(path: Path, entry: store.CatalogEntry | None) -> dict[str, Any]:
+def model_summary(
+    path: Path, entry: store.CatalogEntry | None, name: str | None = None
+) -> dict[str, Any]:
     """What `llmapp show` reports, as plain data (the --json output)."""
+    record = store.find_record(name) if name and entry is None else None
     with GGUFFile(path) as gguf:
         config = load_config(gguf)
         n_params = sum(info.n_elements for info in gguf.tensors.values())
         template = gguf.get("tokenizer.chat_template")
         summary = {
-            "name": entry.name if entry else None,
+            "name": entry.name if entry else name,
             "path": str(path),
             "file_size": gguf.file_size,
             "architecture": config.arch,
             "model_name": config.name,
             "parameters": n_params,
-            "quant": entry.quant if entry else None,
+            "quant": entry.quant if entry else record.quant if record else None,
             "file_type": config.file_type,
             "context_length": config.context_length,
             "embedding_length": config.n_embd,
@@ -224,8 +235,8 @@ def _print_summary(s: dict[str, Any]) -> None:
 
 
 def run_show(args: argparse.Namespace) -> int:
-    path, entry = _resolve_for_show(args.model)
-    summary = model_summary(path, entry)
+    path, entry, name = _resolve_for_show(args.model)
+    summary = model_summary(path, entry, name)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
