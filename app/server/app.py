@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hmac
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,6 +13,7 @@ from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from llmapp.app.server import completions
 from llmapp.app.server.errors import APIError, install_error_handlers
@@ -57,21 +58,7 @@ def create_app(config: ServerConfig, pool: ModelPool | None = None) -> FastAPI:
 
 
 def _install_middleware(app: FastAPI, config: ServerConfig) -> None:
-    keys = [k.encode() for k in config.api_keys]
-
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Any:
-        size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > MAX_BODY_BYTES:
-            return APIError(413, f"the body is over {MAX_BODY_BYTES >> 20} MiB").response()
-        path = request.url.path
-        if keys and request.method != "OPTIONS" and not _is_open(path):
-            if not _key_ok(request, keys):
-                return APIError(
-                    401, "invalid or missing API key", code="invalid_api_key"
-                ).response()
-        return await call_next(request)
-
+    app.add_middleware(Guard, keys=[k.encode() for k in config.api_keys])
     # Added after the guard, so it runs first: CORS preflights are answered without a key.
     if config.cors_origins:
         app.add_middleware(
@@ -83,6 +70,34 @@ def _install_middleware(app: FastAPI, config: ServerConfig) -> None:
         )
     if config.loopback_only:
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=LOOPBACK_HOSTS)
+
+
+class Guard:
+    """API keys and the body size limit, as plain ASGI: a wrapper that buffered responses
+    would hide a client's disconnect from the streaming routes."""
+
+    def __init__(self, app: ASGIApp, keys: list[bytes]) -> None:
+        self.app = app
+        self.keys = keys
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            request = Request(scope)
+            problem = self._check(request)
+            if problem is not None:
+                await problem.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def _check(self, request: Request) -> APIError | None:
+        size = request.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > MAX_BODY_BYTES:
+            return APIError(413, f"the body is over {MAX_BODY_BYTES >> 20} MiB")
+        if not self.keys or request.method == "OPTIONS" or _is_open(request.url.path):
+            return None
+        if _key_ok(request, self.keys):
+            return None
+        return APIError(401, "invalid or missing API key", code="invalid_api_key")
 
 
 def _is_open(path: str) -> bool:

@@ -73,7 +73,9 @@ def _logit_bias(bias: dict[str, float] | None, n_vocab: int) -> dict[int, float]
         try:
             token = int(key)
         except ValueError:
-            raise APIError(400, f"logit_bias key {key!r} is not a token id", "logit_bias") from None
+            raise APIError(
+                400, f"logit_bias key {key!r} is not a token id", param="logit_bias"
+            ) from None
         if not 0 <= token < n_vocab:
             raise APIError(
                 400, f"logit_bias token {token} is outside the vocabulary", param="logit_bias"
@@ -167,9 +169,8 @@ def fill_in_the_middle(model: LoadedModel, prefix: Any, suffix: str) -> list[int
     tok = model.engine.tokenizer
     ids = [tok.token_to_id(t) for t in FIM_TOKENS]
     if any(i is None for i in ids):
-        raise APIError(
-            400, "this model has no fill-in-the-middle tokens; suffix cannot be used", "suffix"
-        )
+        message = "this model has no fill-in-the-middle tokens; suffix cannot be used"
+        raise APIError(400, message, param="suffix")
     if not isinstance(prefix, str):
         raise APIError(400, "suffix needs a text prompt", param="suffix")
     encode = tok.encode
@@ -219,9 +220,8 @@ async def _collect(request: Request, choices: list[Choice], streams: list[Reques
             reader.cancel()  # cancelling the reads aborts the requests
             for stream in streams:
                 stream.abort()
-            break
-    if not reader.cancelled():
-        reader.result()
+            return
+    reader.result()
 
 
 def _failure(finals: list[Delta | None], pool: ModelPool) -> APIError | None:
