@@ -336,7 +336,7 @@ def perplexity_with_progress(
         )
     n_chunk = len(tokens) // ctx if args.chunks < 0 else min(args.chunks, len(tokens) // ctx)
     first, nll, count = ctx // 2, 0.0, 0
-    with Progress("perplexity", n_chunk, unit="chunk", quiet=args.quiet, delay=1.0) as bar:
+    with Progress("perplexity", n_chunk, unit="chunk", quiet=args.quiet) as bar:
         for i in range(n_chunk):
             ids = tokens[i * ctx : (i + 1) * ctx]
             if tokenizer.add_bos:
