@@ -231,7 +231,7 @@ _llmapp() {
 @CASES@
     esac
     if [[ "$cur" == -* ]]; then
-        COMPREPLY=($(compgen -W "$opts --help" -- "$cur"))
+        COMPREPLY=($(compgen -W "$opts" -- "$cur"))
         return
     fi
     case "$verb" in
@@ -283,7 +283,7 @@ _llmapp() {
 @CASES@
   esac
   if [[ $PREFIX == -* ]]; then
-    compadd -- $opts --help
+    compadd -- $opts
     return
   fi
   case $verb in
