@@ -166,6 +166,16 @@ class ChatScreen(Screen[None]):
         except HistoryError as exc:
             self.notify(str(exc), severity="error")
 
+    def forget_conversation(self, conv: Conversation) -> None:
+        if conv.id is None:
+            return
+        try:
+            self.history.delete_conversation(conv.id)
+        except HistoryError as exc:
+            self.notify(str(exc), severity="error")
+        conv.id = None
+        self.refresh_sidebar()
+
     def conversation_changed(self, conv: Conversation) -> None:
         self.refresh_sidebar()
         if conv.key == self.current:

@@ -7,6 +7,7 @@ the pane's own "reply" group: starting or cancelling one never touches another p
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from dataclasses import dataclass
@@ -41,6 +42,8 @@ class PaneHost(Protocol):
     def save_message(self, conv: Conversation, message: Message) -> None: ...
 
     def forget_from(self, conv: Conversation, message: Message) -> None: ...
+
+    def forget_conversation(self, conv: Conversation) -> None: ...
 
     def conversation_changed(self, conv: Conversation) -> None: ...
 
@@ -183,7 +186,10 @@ class ChatPane(Vertical):
             status, error = ERROR, str(exc)
         finally:
             # Runs when escape cancels this worker too: the partial reply stays, marked stopped.
-            await stream.stop()
+            # stop() raises CancelledError when the stream's task was cancelled before it ever
+            # ran (nothing was written); that is not this worker being cancelled.
+            with contextlib.suppress(asyncio.CancelledError):
+                await stream.stop()
             reply.content, reply.status = "".join(parts), status
             self.stats.state = reply.status
             if rejected is not None:
@@ -210,6 +216,9 @@ class ChatPane(Vertical):
             await self._drop_from(len(conv.messages) - 1)
             if not self.input.text:
                 self.input.set_text(message.content)
+        if not conv.messages:  # a first message refused: no conversation is left to keep
+            conv.title = NEW_TITLE
+            self.host.forget_conversation(conv)
         self.stats.state = "error"
         await self.show_note(reason)
 
