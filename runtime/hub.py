@@ -235,7 +235,7 @@ def _models(files: list[str]) -> dict[str, list[str]]:
     groups: dict[str, list[str]] = {}
     for file in sorted(files):
         if _is_weights(file):
-            key = file[: m.start()] if (m := _SHARD_RE.search(file)) else file
+            key = file[: m.start()] + file[-5:] if (m := _SHARD_RE.search(file)) else file
             groups.setdefault(key, []).append(file)
     return groups
 
@@ -666,12 +666,22 @@ def _network_failure(exc: BaseException) -> bool:
     return isinstance(exc, (dl.TransferError, httpx.TransportError))
 
 
+def _cached(env: HubEnv, ref: HubRef, progress: dl.ProgressFn | None) -> tuple[HubPull | None, str]:
+    """The model from the cache, or None and why not (a damaged file is an error, not a miss)."""
+    try:
+        return from_cache(env, ref, progress), ""
+    except dl.ChecksumError:
+        raise
+    except StoreError as exc:  # the cached snapshot has no file for this tag
+        return None, f" ({exc})"
+
+
 def _offline(env: HubEnv, ref: HubRef, progress: dl.ProgressFn | None) -> HubPull:
-    cached = from_cache(env, ref, progress)
+    cached, detail = _cached(env, ref, progress)
     if cached is None:
         raise StoreError(
             f"HF_HUB_OFFLINE is set and {ref.name} (revision {ref.revision}) is not "
-            f"complete in the hub cache {env.cache}"
+            f"complete in the hub cache {env.cache}{detail}"
         )
     return cached
 
@@ -701,7 +711,7 @@ def pull(
         except Exception as exc:
             if not _network_failure(exc) or force:
                 raise
-            cached = from_cache(env, ref, progress)
+            cached, _ = _cached(env, ref, progress)
             if cached is None:
                 raise StoreError(f"cannot reach {env.endpoint}: {dl.describe(exc)}") from None
             say(f"cannot reach {env.endpoint} ({dl.describe(exc)}); using the cached {ref.name}")
