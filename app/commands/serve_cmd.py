@@ -37,6 +37,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: cores)")
     p.add_argument("--max-loaded-models", type=int, default=1, help="models held at once")
     p.add_argument("--memory-budget", default=None, help="e.g. 4GiB: weights+KV of all models")
+    p.add_argument("--kv-memory", default=None, help="e.g. 512MiB of KV cache per model")
     p.add_argument("--no-pull", action="store_true", help="refuse models not yet pulled")
     p.add_argument("--log-level", default="warning", help="uvicorn's log level")
     p.set_defaults(handler=cmd_serve)
@@ -80,6 +81,7 @@ def _config(args: argparse.Namespace) -> Any:
             max_num_seqs=args.max_num_seqs,
             max_loaded=args.max_loaded_models,
             memory_budget=parse_size(args.memory_budget) if args.memory_budget else None,
+            kv_memory=parse_size(args.kv_memory) if args.kv_memory else None,
             allow_pull=not args.no_pull,
         )
     except ValueError as exc:

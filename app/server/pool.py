@@ -37,6 +37,7 @@ class PoolConfig:
     max_num_seqs: int = 16
     max_loaded: int = 1
     memory_budget: int | None = None  # bytes for weights and KV of all loaded models
+    kv_memory: int | None = None  # bytes of KV cache per model (instead of ctx * parallel)
     allow_pull: bool = True
     kv_bytes_per_element: int = 4  # the KV cache is float32
 
@@ -67,12 +68,31 @@ class LoadedModel:
         return self.path.stat().st_size
 
 
-def _estimate_bytes(path: Path, ctx_tokens: int, kv_elem: int) -> tuple[int, int]:
-    """(weights+KV bytes estimate, trained context) from the file's header alone."""
+@dataclass(frozen=True)
+class Sizing:
+    """How big a model will be once loaded, from the file's header alone."""
+
+    ctx: int  # tokens one request may use
+    pool_tokens: int  # tokens the KV cache holds, shared by every session
+    memory_bytes: int  # weights (the file) + KV cache
+
+
+def plan_sizing(path: Path, config: PoolConfig) -> Sizing:
     with GGUFFile(path) as gguf:
         cfg = load_config(gguf)
-    kv = cfg.n_layer * 2 * cfg.n_head_kv * cfg.head_dim * kv_elem * ctx_tokens
-    return path.stat().st_size + kv, int(cfg.context_length)
+    ctx = config.ctx_size or min(int(cfg.context_length), DEFAULT_CTX_CAP)
+    per_token = cfg.n_layer * 2 * cfg.n_head_kv * cfg.head_dim * config.kv_bytes_per_element
+    pool_tokens = ctx * config.parallel
+    if config.kv_memory is not None:
+        pool_tokens = config.kv_memory // per_token
+        if pool_tokens < ctx:
+            raise APIError(
+                400,
+                f"--kv-memory of {config.kv_memory >> 20} MiB holds {pool_tokens} tokens, less "
+                f"than one {ctx}-token context ({per_token * ctx >> 20} MiB needed)",
+                code="kv_memory_too_small",
+            )
+    return Sizing(ctx, pool_tokens, path.stat().st_size + per_token * pool_tokens)
 
 
 class ModelPool:
@@ -168,14 +188,14 @@ class ModelPool:
     async def _load(self, key: str) -> LoadedModel:
         try:
             path = await asyncio.to_thread(self._resolve, key)
-            estimate, trained = await asyncio.to_thread(self._estimate, path)
-            await self._make_room(estimate, key)
-            model = await asyncio.to_thread(self._open, key, path, trained)
+            sizing = await asyncio.to_thread(plan_sizing, path, self.config)
+            await self._make_room(sizing.memory_bytes, key)
+            model = await asyncio.to_thread(self._open, key, path, sizing)
         except APIError:
             raise
         except LlmappError as exc:
             raise from_runtime(exc) from None
-        model.memory_bytes = estimate
+        model.memory_bytes = sizing.memory_bytes
         self._loaded[key] = model
         return model
 
@@ -187,22 +207,13 @@ class ModelPool:
         except ModelNotFoundError as exc:
             raise APIError(404, str(exc), code="model_not_found", param="model") from None
 
-    def ctx_for(self, trained: int) -> int:
-        return self.config.ctx_size or min(trained, DEFAULT_CTX_CAP)
-
-    def _estimate(self, path: Path) -> tuple[int, int]:
-        _, trained = _estimate_bytes(path, 1, self.config.kv_bytes_per_element)
-        pool_tokens = self.ctx_for(trained) * self.config.parallel
-        return _estimate_bytes(path, pool_tokens, self.config.kv_bytes_per_element)
-
-    def _open(self, key: str, path: Path, trained: int) -> LoadedModel:
-        ctx = self.ctx_for(trained)
+    def _open(self, key: str, path: Path, sizing: Sizing) -> LoadedModel:
         cfg = self.config
         options = EngineOptions(
-            runner=RunnerOptions(ctx_size=ctx * cfg.parallel, n_threads=cfg.threads),
+            runner=RunnerOptions(ctx_size=sizing.pool_tokens, n_threads=cfg.threads),
             max_num_seqs=max(cfg.max_num_seqs, cfg.parallel),
             max_waiting=cfg.max_queue,
-            max_model_len=ctx,
+            max_model_len=sizing.ctx,
         )
         engine = self._engine_factory(path, options)
         entry = model_store.entry_for_path(path)
