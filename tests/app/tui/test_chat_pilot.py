@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from chat_helpers import CODE_REPLY, ScriptedBackend, screen_text, wait_until
+from chat_helpers import CODE_REPLY, ScriptedBackend, notes, screen_text, wait_until
 
 from llmapp.app.tui.app import ChatApp, ChatScreen
 from llmapp.app.tui.conversation import DONE, STOPPED
@@ -317,7 +317,7 @@ async def test_prompt_too_long_keeps_the_text(make_app: MakeApp) -> None:
     async with app.run_test(size=(80, 24)) as pilot:
         screen = await started(pilot, app)
         await send(pilot, "this is too long")
-        await wait_until(pilot, lambda: "context holds 4096" in screen_text(app))
+        await wait_until(pilot, lambda: "context holds 4096" in notes(app))
         assert screen.pane is not None and screen.pane.input.text == "this is too long"
         assert n_messages(screen) == 0
     assert History(app.history.path).summaries() == []  # nothing half-saved
@@ -327,7 +327,7 @@ async def test_unknown_model_is_shown_not_raised(make_app: MakeApp) -> None:
     app, backend = make_app(model="missing:model")
     async with app.run_test(size=(80, 24)) as pilot:
         screen = await started(pilot, app)
-        await wait_until(pilot, lambda: "unknown model" in screen_text(app))
+        await wait_until(pilot, lambda: "unknown model" in notes(app))
         await send(pilot, "hello?")
         await wait_until(pilot, lambda: not screen.conversation.generating)  # type: ignore[union-attr]
         assert backend.requests == []
