@@ -4,6 +4,7 @@ Real shell pipelines: `llmapp ... | head -1` under bash, the status taken from P
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shlex
 import shutil
@@ -11,9 +12,9 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
-from conftest import load_benchmark
 
 EXIT_BROKEN_PIPE = 141
 
@@ -21,6 +22,17 @@ EXIT_BROKEN_PIPE = 141
 def _command() -> list[str]:
     exe = shutil.which("llmapp")
     return [exe] if exe else [sys.executable, "-m", "llmapp.app.cli"]
+
+
+def bench_quantize() -> ModuleType:
+    # benchmarks/bench_quantize.py writes synthetic F32 models (tests/conftest.py's loader is
+    # out of reach here: `conftest` names another module when tests/app/server is collected).
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_quantize.py"
+    spec = importlib.util.spec_from_file_location("bench_quantize", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 LLMAPP = _command()
@@ -106,7 +118,7 @@ def test_long_output_cut_short_is_status_141(tmp_path: Path, smollm2_path: Path)
 
 
 def test_quantize_table_through_head(tmp_path: Path) -> None:
-    bench = load_benchmark("bench_quantize")
+    bench = bench_quantize()
     src = bench.write_synthetic_llama(
         tmp_path / "f32.gguf", seed=0, n_embd=64, n_ff=128, n_layer=2, n_head=2, n_head_kv=1
     )

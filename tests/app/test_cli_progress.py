@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import os
 import pty
@@ -10,10 +11,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
-from conftest import load_benchmark
 
 from llmapp.app import progress as progress_module
 from llmapp.app.commands import run_cmds
@@ -23,6 +24,17 @@ from llmapp.app.progress import Progress, human_bytes, stage_progress
 def _command() -> list[str]:
     exe = shutil.which("llmapp")
     return [exe] if exe else [sys.executable, "-m", "llmapp.app.cli"]
+
+
+def bench_quantize() -> ModuleType:
+    # benchmarks/bench_quantize.py writes synthetic F32 models (tests/conftest.py's loader is
+    # out of reach here: `conftest` names another module when tests/app/server is collected).
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_quantize.py"
+    spec = importlib.util.spec_from_file_location("bench_quantize", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 LLMAPP = _command()
@@ -200,7 +212,7 @@ def test_cold_compile_is_announced_in_a_log(tmp_path: Path, smollm2_path: Path) 
 
 
 def _synthetic(tmp_path: Path) -> Path:
-    bench = load_benchmark("bench_quantize")
+    bench = bench_quantize()
     shape: dict[str, Any] = dict(n_embd=64, n_ff=128, n_layer=2, n_head=2, n_head_kv=1)
     return Path(bench.write_synthetic_llama(tmp_path / "f32.gguf", seed=0, **shape))
 

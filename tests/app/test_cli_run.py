@@ -81,7 +81,7 @@ def test_run_over_long_prompt_is_one_clear_line(
 ) -> None:
     assert main(["run", str(smollm2_path), "word " * 400, "--raw", "--ctx-size", "64"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "context holds" in err[0]
+    assert len(err) == 1 and "401 tokens" in err[0] and "--ctx-size" in err[0]
 
 
 def test_run_unknown_model(capsys: pytest.CaptureFixture[str]) -> None:
