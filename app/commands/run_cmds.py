@@ -136,6 +136,12 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_parser(sub: Any) -> None:
+    _add_run(sub)
+    _add_perplexity(sub)
+    _add_bench(sub)
+
+
+def _add_run(sub: Any) -> None:
     p = sub.add_parser(
         "run", help="generate a reply to a prompt, streamed to stdout", **_examples("run")
     )
@@ -151,6 +157,8 @@ def add_parser(sub: Any) -> None:
     add_model_options(p)
     p.set_defaults(handler=cmd_run)
 
+
+def _add_perplexity(sub: Any) -> None:
     p = sub.add_parser(
         "perplexity",
         help="perplexity of a text file (llama.cpp's method)",
@@ -165,6 +173,8 @@ def add_parser(sub: Any) -> None:
     add_quiet_option(p)
     p.set_defaults(handler=cmd_perplexity)
 
+
+def _add_bench(sub: Any) -> None:
     p = sub.add_parser(
         "bench", help="prefill and decode speed (like llama-bench)", **_examples("bench")
     )
