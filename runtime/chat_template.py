@@ -356,6 +356,11 @@ class ChatTemplate:
             self._template = _compile(source or "")
             self.name = name or "jinja"
 
+    @property
+    def supports_tools(self) -> bool:
+        """Whether the template renders a `tools` list itself (Qwen2.5's does)."""
+        return self.source is not None and "tools" in self.source
+
     @classmethod
     def from_gguf(cls, gguf: GGUFFile, override: str | None = None) -> ChatTemplate:
         return cls.from_metadata(gguf.metadata, override)

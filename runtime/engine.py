@@ -25,6 +25,7 @@ import numpy as np
 from llmapp.runtime.batch import ForwardBatch, build_batch
 from llmapp.runtime.chat_template import ChatTemplate, encode_prompt
 from llmapp.runtime.compute import ComputeThread
+from llmapp.runtime.constrain import Constraint, grammar_for
 from llmapp.runtime.errors import GGUFError, LlmappError
 from llmapp.runtime.gguf_file import GGUFFile
 from llmapp.runtime.kv_cache import KVCacheManager
@@ -369,11 +370,34 @@ class Engine:
         add_special: bool | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
         request_id: str | None = None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> RequestStream:
-        """Queue a request: text (completion), token ids, or chat messages (template applied)."""
+        """Queue a request: text (completion), token ids, or chat messages (template applied;
+        `tools` are given to templates that have a tools section)."""
         arrived = time.perf_counter()
-        ids = self.encode_prompt(prompt, add_special)
-        return self.submit_ids(ids, params, loop=loop, request_id=request_id, arrived=arrived)
+        params = params or SamplingParams()
+        ids, constraint = self._prepare(prompt, add_special, params, tools)
+        return self.submit_ids(
+            ids, params, loop=loop, request_id=request_id, arrived=arrived, constraint=constraint
+        )
+
+    def _prepare(
+        self,
+        prompt: str | Seq[int] | list[dict[str, Any]],
+        add_special: bool | None,
+        params: SamplingParams,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> tuple[list[int], Constraint | None]:
+        """The caller-side work of a request: prompt ids and its compiled constraint."""
+        ids = self.encode_prompt(prompt, add_special, tools)
+        return ids, self.compile_constraint(params)
+
+    def compile_constraint(self, params: SamplingParams) -> Constraint | None:
+        """The request's grammar as a token mask (ConstraintError names what is wrong)."""
+        grammar = grammar_for(params.json_schema, params.grammar, params.regex)
+        if grammar is None:
+            return None
+        return Constraint(grammar, self.tokenizer, params.grammar_trigger)
 
     def submit_ids(
         self,
@@ -383,16 +407,21 @@ class Engine:
         loop: asyncio.AbstractEventLoop | None = None,
         request_id: str | None = None,
         arrived: float | None = None,
+        constraint: Constraint | None = None,
     ) -> RequestStream:
         """Queue already-encoded prompt ids (checked against the vocabulary by encode_prompt)."""
         arrived = time.perf_counter() if arrived is None else arrived
+        params = params or SamplingParams()
         self.check_fits(len(ids))
+        if constraint is None and params.constrained:
+            constraint = self.compile_constraint(params)
         channel = _Channel(loop, request_id or f"req-{uuid.uuid4().hex}")
+        payload = (ids, params, arrived, constraint)
         with self._submit_lock:
             self._check_accepting()
             self._outstanding += 1
             self._open.add(channel)
-            self._inbox.put(("add", channel, (ids, params or SamplingParams(), arrived)))
+            self._inbox.put(("add", channel, payload))
         self._compute.wake()
         return RequestStream(self, channel)
 
@@ -412,6 +441,7 @@ class Engine:
         *,
         add_special: bool | None = None,
         request_id: str | None = None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> RequestStream:
         """submit() for asyncio: iterate the result with `async for`; cancelling aborts.
 
@@ -420,8 +450,11 @@ class Engine:
         """
         arrived = time.perf_counter()
         loop = asyncio.get_running_loop()
-        ids = await asyncio.to_thread(self.encode_prompt, prompt, add_special)
-        return self.submit_ids(ids, params, loop=loop, request_id=request_id, arrived=arrived)
+        params = params or SamplingParams()
+        ids, constraint = await asyncio.to_thread(self._prepare, prompt, add_special, params, tools)
+        return self.submit_ids(
+            ids, params, loop=loop, request_id=request_id, arrived=arrived, constraint=constraint
+        )
 
     def generate(
         self, prompt: str | Seq[int] | list[dict[str, Any]], params: SamplingParams | None = None
@@ -438,12 +471,16 @@ class Engine:
             self._compute.wake()
 
     def encode_prompt(
-        self, prompt: str | Seq[int] | list[dict[str, Any]], add_special: bool | None = None
+        self,
+        prompt: str | Seq[int] | list[dict[str, Any]],
+        add_special: bool | None = None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[int]:
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt, add_bos=add_special, parse_special=False)
         if prompt and isinstance(prompt[0], dict):
-            text = self.template.render(list(prompt), add_generation_prompt=True)  # type: ignore[arg-type]
+            messages = list(prompt)
+            text = self.template.render(messages, add_generation_prompt=True, tools=tools)  # type: ignore[arg-type]
             return encode_prompt(self.tokenizer, text)
         ids = [int(t) for t in prompt]  # type: ignore[arg-type]
         bad = [t for t in ids if not 0 <= t < self.tokenizer.n_vocab]
@@ -536,24 +573,35 @@ class Engine:
         self._closed.set()
 
     def _add_or_refuse(
-        self, channel: _Channel, ids: list[int], params: SamplingParams, arrived: float
+        self,
+        channel: _Channel,
+        ids: list[int],
+        params: SamplingParams,
+        arrived: float,
+        constraint: Constraint | None,
     ) -> None:
         if channel.finished:
             return
         try:
-            self._add(channel, ids, params, arrived)
+            self._add(channel, ids, params, arrived, constraint)
         except Exception as exc:  # a bad request ends alone; the others go on
             self._release(channel)
             channel.end(self._final_delta("error", *_describe(exc)))
 
     def _add(
-        self, channel: _Channel, ids: list[int], params: SamplingParams, arrived: float
+        self,
+        channel: _Channel,
+        ids: list[int],
+        params: SamplingParams,
+        arrived: float,
+        constraint: Constraint | None,
     ) -> None:
         seq = Sequence(token_ids=list(ids), num_prompt_tokens=len(ids))
+        processors = (constraint,) if constraint is not None else ()
         seq.payload = _RequestState(
             channel=channel,
             params=params,
-            sampler=make_sampler(params, self.tokenizer.eog_ids),
+            sampler=make_sampler(params, self.tokenizer.eog_ids, processors),
             detok=IncrementalDetokenizer(self.tokenizer, skip_special=True),
             stops=StopMatcher(tuple(dict.fromkeys((*params.stop, *self.default_stops)))),
             arrived=arrived,

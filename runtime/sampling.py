@@ -21,7 +21,7 @@ import math
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache, partial
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -79,6 +79,8 @@ class SamplingParams:
     formula (logit -= count * frequency + presence) over the same window, as llama.cpp does.
     logit_bias maps token id -> value in [-100, 100], added to the logit; -100 bans the token.
     max_tokens None means no limit here (the context size still bounds a request).
+    json_schema (a schema, or True for any JSON object), grammar (Lark, or GBNF when it has
+    `::=`) and regex constrain the output (runtime/constrain.py); at most one of them.
     """
 
     temperature: float = 0.8
@@ -96,6 +98,16 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     ignore_eos: bool = False
+    json_schema: Mapping[str, Any] | str | bool | None = None
+    grammar: str | None = None
+    regex: str | None = None
+    grammar_trigger: str | None = None  # the grammar applies only after this text appears
+
+    @property
+    def constrained(self) -> bool:
+        return any(
+            x is not None and x is not False for x in (self.json_schema, self.grammar, self.regex)
+        )
 
     def __post_init__(self) -> None:
         try:

@@ -59,12 +59,34 @@ def sampling_params(
         values["max_tokens"] = max_tokens
     values["logit_bias"] = _logit_bias(body.logit_bias, model.engine.tokenizer.n_vocab)
     values["stop"] = body.stop or ()
+    values.update(_constraint_fields(body))
     try:
         return SamplingParams(
             **values, logprobs=logprobs, top_logprobs=top_logprobs, ignore_eos=body.ignore_eos
         )
     except SamplingError as exc:
         raise APIError(400, str(exc)) from None
+
+
+def _constraint_fields(body: _Sampling) -> dict[str, Any]:
+    """response_format (or the grammar/regex/json_schema extensions) as SamplingParams fields."""
+    out: dict[str, Any] = {}
+    fmt = body.response_format
+    if fmt is not None and fmt.type == "json_object":
+        out["json_schema"] = fmt.schema_ if fmt.schema_ is not None else True
+    elif fmt is not None and fmt.type == "json_schema":
+        schema = fmt.json_schema.schema_ if fmt.json_schema is not None else fmt.schema_
+        if schema is None:
+            raise APIError(
+                400, "response_format json_schema needs json_schema.schema", "response_format"
+            )
+        out["json_schema"] = schema
+    for name in ("json_schema", "grammar", "regex"):
+        if getattr(body, name) is not None:
+            if out:
+                raise APIError(400, f"{name} cannot be combined with response_format", name)
+            out[name] = getattr(body, name)
+    return out
 
 
 def _logit_bias(bias: dict[str, float] | None, n_vocab: int) -> dict[int, float]:

@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from llmapp.runtime.constrain import ConstraintError
 from llmapp.runtime.engine import ContextLengthError, EngineStoppedError, QueueFullError
 from llmapp.runtime.errors import LlmappError, ModelNotFoundError, TemplateError
 
@@ -40,9 +41,9 @@ class APIError(Exception):
         self,
         status: int,
         message: str,
+        param: str | None = None,
         *,
         code: str | None = None,
-        param: str | None = None,
         retry_after: float | None = None,
     ) -> None:
         super().__init__(message)
@@ -84,6 +85,8 @@ def from_runtime(exc: Exception) -> APIError:
         return APIError(503, str(exc), code="engine_stopped", retry_after=1)
     if isinstance(exc, ModelNotFoundError):
         return APIError(404, str(exc), code="model_not_found", param="model")
+    if isinstance(exc, ConstraintError):
+        return APIError(400, str(exc), code="invalid_response_format", param="response_format")
     if isinstance(exc, TemplateError):
         return APIError(400, f"the chat template failed: {exc}", code="template_error")
     if isinstance(exc, LlmappError | ValueError):

@@ -33,6 +33,18 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(_Body):
+    name: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")  # llama.cpp's shape
+
+
 class _Sampling(_Body):
     """Fields shared by chat and text completions (OpenAI's, plus llama.cpp's extensions)."""
 
@@ -54,6 +66,10 @@ class _Sampling(_Body):
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
     user: str | None = None
+    response_format: ResponseFormat | None = None
+    json_schema: dict[str, Any] | None = None  # llama.cpp's extension fields
+    grammar: str | None = None
+    regex: str | None = None
 
 
 class ChatCompletionRequest(_Sampling):
