@@ -51,6 +51,19 @@ def make_gguf(path: Path, n_vocab: int = 512, n_embd: int = 256, seed: int = 0) 
     w.add_token_list([f"t{i}" for i in range(n_vocab)])
     w.add_tensor("token_embd.weight", rng.standard_normal((n_vocab, n_embd), dtype=np.float32))
     w.add_tensor("output_norm.weight", np.ones(n_embd, dtype=np.float32))
+    shapes = {  # one llama block, numpy order (out, in)
+        "attn_q": (n_embd, n_embd),
+        "attn_k": (n_embd, n_embd),
+        "attn_v": (n_embd, n_embd),
+        "attn_output": (n_embd, n_embd),
+        "ffn_gate": (2 * n_embd, n_embd),
+        "ffn_up": (2 * n_embd, n_embd),
+        "ffn_down": (n_embd, 2 * n_embd),
+    }
+    for name, shape in shapes.items():
+        w.add_tensor(f"blk.0.{name}.weight", rng.standard_normal(shape).astype(np.float16))
+    for name in ("attn_norm", "ffn_norm"):
+        w.add_tensor(f"blk.0.{name}.weight", np.ones(n_embd, dtype=np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hub_fake import FakeHub, isolate, make_gguf
 
 from llmapp.app.cli import main
 from llmapp.runtime import store
+from llmapp.runtime.errors import LlmappError
 
 FAKE = b"GGUF-not-really" * 100
 FAKE_TOML = """
@@ -189,3 +193,156 @@ def test_show_text_and_truncated_real_file(
         bad.write_bytes(f.read(1_000_000))  # header and metadata intact, tensor data cut
     assert main(["show", str(bad)]) == 1
     one_error_line(capsys.readouterr().err, str(bad))
+
+
+# --- pulls from the hub and from URLs -------------------------------------------------------
+
+REPO = "someone/Tiny-GGUF"
+
+
+@pytest.fixture
+def fake_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
+    """The imitation hub on loopback with one repo (a ~4 MB GGUF at Q4_K_M, one at Q8_0)."""
+    with FakeHub() as hub:
+        hub.add_repo(
+            REPO,
+            {
+                "Tiny-Q4_K_M.gguf": make_gguf(tmp_path / "a.gguf", n_vocab=4096, seed=1),
+                "Tiny-Q8_0.gguf": make_gguf(tmp_path / "b.gguf", seed=2),
+            },
+        )
+        isolate(monkeypatch, tmp_path, hub.endpoint)
+        yield hub
+
+
+def test_hub_pull_shows_progress_lines_in_a_log_and_the_name_works(
+    fake_hub: FakeHub, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["pull", f"hf.co/{REPO}:q4_k_m"]) == 0
+    out, err = capsys.readouterr()
+    path = Path(out.strip())
+    assert path.is_symlink() and "snapshots" in path.parts
+    lines = err.splitlines()
+    progress = [line for line in lines if line.startswith("downloading Tiny-Q4_K_M.gguf: ")]
+    assert len(progress) >= 4 and any("100%" in line for line in progress), err
+    assert any(line.startswith("verifying Tiny-Q4_K_M.gguf") for line in lines)
+    assert f"pulled hf.co/{REPO}:Q4_K_M (5.6 MB, sha256 verified against the hub)" in err
+    for name in (f"hf.co/{REPO}:Q4_K_M", f"hf.co/{REPO}"):
+        assert main(["show", "--json", name]) == 0
+        summary = json.loads(capsys.readouterr().out)
+        assert summary["name"] == f"hf.co/{REPO}:Q4_K_M" and summary["quant"] == "Q4_K_M"
+        assert summary["architecture"] == "llama" and summary["path"] == str(path)
+    assert main(["list"]) == 0
+    row = [r for r in capsys.readouterr().out.splitlines() if r.startswith("hf.co/")]
+    assert row[0].split()[:4] == [f"hf.co/{REPO}:Q4_K_M", "5.6", "MB", "Q4_K_M"]
+    assert main(["rm", f"hf.co/{REPO}:q4_k_m"]) == 0
+    assert not path.exists()
+
+
+def test_quiet_pull_prints_only_the_path(
+    fake_hub: FakeHub, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["pull", "--quiet", f"hf.co/{REPO}/Tiny-Q8_0.gguf"]) == 0
+    out, err = capsys.readouterr()
+    assert Path(out.strip()).is_file() and err == ""
+
+
+def test_show_pulls_a_hub_model_on_first_use(
+    fake_hub: FakeHub, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["show", f"hf.co/{REPO}:Q8_0"]) == 0
+    out, err = capsys.readouterr()
+    assert "architecture    llama" in out and "downloading Tiny-Q8_0.gguf" in err
+
+
+@pytest.mark.parametrize(
+    ("args", "setup", "parts"),
+    [
+        (["pull", f"hf.co/{REPO}:Q4_K_M"], "gated", ["is gated: accept its license at"]),
+        (["pull", f"hf.co/{REPO}:Q4_K_M"], "private", ["not found, or private", "HF_TOKEN"]),
+        (["pull", f"hf.co/{REPO}:Q5_K_S"], "", ["quants there: Q4_K_M, Q8_0"]),
+        (["pull", "hf.co/../etc"], "", ["not a hub repository name"]),
+        (["pull", "smollm2:135m", "--sha256", "a" * 64], "", ["not for catalog models"]),
+        (["run", f"hf.co/{REPO}:Q4_K_M", "hi"], "gated", ["is gated"]),
+    ],
+)
+def test_hub_failures_are_one_clear_line(
+    fake_hub: FakeHub,
+    capsys: pytest.CaptureFixture[str],
+    args: list[str],
+    setup: str,
+    parts: list[str],
+) -> None:
+    if setup:
+        setattr(fake_hub.repos[REPO], setup, True)
+    assert main(args) == 1
+    one_error_line(capsys.readouterr().err, *parts)
+
+
+def test_url_pull_with_a_wrong_sha256_names_both_hashes(
+    fake_hub: FakeHub, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    data = make_gguf(tmp_path / "u.gguf", seed=3)
+    fake_hub.files["u-Q8_0.gguf"] = data
+    url = fake_hub.url("u-Q8_0.gguf")
+    assert main(["pull", "--quiet", url, "--sha256", "0" * 64]) == 1
+    err = capsys.readouterr().err
+    one_error_line(err, f"expected {'0' * 64}, arrived {hashlib.sha256(data).hexdigest()}")
+    assert main(["pull", url, "--name", "my-model"]) == 0
+    out, err = capsys.readouterr()
+    assert "pulled my-model" in err and out.strip().endswith("u-Q8_0.gguf")
+    assert main(["show", "--json", "my-model"]) == 0
+    assert json.loads(capsys.readouterr().out)["name"] == "my-model"
+
+
+def test_interrupted_hub_pull_says_the_partial_is_kept(
+    fake_hub: FakeHub, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from llmapp.runtime import download
+
+    def ctrl_c(self: object, force: bool = False) -> None:
+        if getattr(self, "done", 0) > 0:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as patched:
+        patched.setattr(download._Transfer, "_report", ctrl_c)
+        assert main(["pull", f"hf.co/{REPO}:Q4_K_M"]) == 130
+    err = capsys.readouterr().err
+    assert f"the partial download is kept: run `llmapp pull hf.co/{REPO}:Q4_K_M` again" in err
+    assert main(["pull", "--quiet", f"hf.co/{REPO}:Q4_K_M"]) == 0
+    first = fake_hub.ranges_asked()[-1].removeprefix("bytes=").split("-")[0]
+    assert int(first) > 0
+
+
+def test_list_all_shows_catalog_hub_models_with_sizes(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["list", "--all"]) == 0
+    rows = {r.split()[0]: r for r in capsys.readouterr().out.splitlines()}
+    assert rows["NAME"].split() == ["NAME", "SIZE", "QUANT", "STATUS", "PATH", "SOURCE"]
+    assert "~808.0 MB" in rows["llama3.2:1b"] and "Q4_K_M" in rows["llama3.2:1b"]
+    assert rows["llama3.2:1b"].endswith(
+        "hf.co/bartowski/Llama-3.2-1B-Instruct-GGUF/Llama-3.2-1B-Instruct-Q4_K_M.gguf"
+    )
+    assert "98.4 MB" in rows["smollm2:135m"] and "~" not in rows["smollm2:135m"]
+
+
+@pytest.mark.real_model
+def test_real_gguf_pulled_from_the_hub_loads_with_show(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    try:
+        real = store.resolve_model("smollm2:135m", pull=False)  # the real store, read only
+    except LlmappError as exc:
+        pytest.skip(f"the real SmolLM2 file is not in the store yet: {exc}")
+    with FakeHub() as hub:
+        hub.add_repo("HuggingFaceTB/SmolLM2-135M-Instruct-GGUF", {real.name: real.read_bytes()})
+        isolate(monkeypatch, tmp_path, hub.endpoint)
+        ref = "hf.co/HuggingFaceTB/SmolLM2-135M-Instruct-GGUF:Q4_1"
+        assert main(["pull", "--quiet", ref]) == 0
+        capsys.readouterr()
+        assert main(["show", "--json", ref]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["name"] == ref and s["architecture"] == "llama" and s["quant"] == "Q4_1"
+    assert s["parameters"] == 134515008 and s["tensor_types"] == {"Q4_1": 210, "F32": 61, "Q8_0": 1}
+    assert Path(s["path"]).resolve().parent.name == "blobs"

@@ -401,7 +401,7 @@ def test_unreachable_hub_falls_back_to_the_cache_with_a_warning(
 
 
 def test_two_pulls_at_once_download_once(homes: Homes, fake: FakeHub) -> None:
-    fake.bytes_per_s = 1e6  # slow enough that the second pull starts while the first runs
+    fake.bytes_per_s = 4e6  # slow enough that the second pull starts while the first runs
     results: list[object] = []
     said: list[str] = []
 
