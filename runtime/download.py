@@ -278,6 +278,7 @@ def describe(exc: BaseException) -> str:
 class RemoteFile:
     size: int
     ranges: bool  # whether the server serves byte ranges
+    version: str = ""  # its ETag or Last-Modified: a partial from another version is useless
 
 
 def probe(
@@ -292,13 +293,15 @@ def probe(
     def attempt() -> RemoteFile:
         with stream(client, "GET", url, auth=auth, headers={"Range": "bytes=0-0"}) as response:
             raise_for_status(response)
+            headers = response.headers
+            version = headers.get("ETag") or headers.get("Last-Modified") or ""
             if response.status_code == 206:
-                total = response.headers.get("Content-Range", "").rpartition("/")[2]
+                total = headers.get("Content-Range", "").rpartition("/")[2]
                 if total.isdigit():
-                    return RemoteFile(int(total), True)
-            length = response.headers.get("Content-Length", "")
+                    return RemoteFile(int(total), True, version)
+            length = headers.get("Content-Length", "")
             if response.status_code == 200 and length.isdigit():
-                return RemoteFile(int(length), False)
+                return RemoteFile(int(length), False, version)
         raise StoreError(f"{url}: the server does not say how large the file is")
 
     return with_retries(options, url, attempt)  # type: ignore[no-any-return]
@@ -340,11 +343,11 @@ def _layout(size: int, options: TransferOptions, ranges: bool) -> list[_Part]:
     ]
 
 
-def _load_parts(partial: Path, size: int, sha256: str | None) -> list[_Part] | None:
+def _load_parts(partial: Path, size: int, identity: str) -> list[_Part] | None:
     """The parts recorded for this exact file, or None when there is nothing to resume."""
     try:
         state = json.loads(_state_path(partial).read_text(encoding="utf-8"))
-        if state.get("size") != size or state.get("sha256") != sha256 or not partial.is_file():
+        if state.get("size") != size or state.get("identity") != identity or not partial.is_file():
             return None
         parts = [_Part(int(s), int(e), int(d)) for s, e, d in state["parts"]]
     except (OSError, ValueError, KeyError, TypeError):
@@ -363,8 +366,8 @@ def _load_parts(partial: Path, size: int, sha256: str | None) -> list[_Part] | N
     return parts
 
 
-def _save_parts(partial: Path, size: int, sha256: str | None, parts: list[_Part]) -> None:
-    state = {"size": size, "sha256": sha256, "parts": [[p.start, p.end, p.done] for p in parts]}
+def _save_parts(partial: Path, size: int, identity: str, parts: list[_Part]) -> None:
+    state = {"size": size, "identity": identity, "parts": [[p.start, p.end, p.done] for p in parts]}
     path = _state_path(partial)
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -381,9 +384,9 @@ def discard_partial(partial: Path) -> None:
     _state_path(partial).unlink(missing_ok=True)
 
 
-def partial_bytes(partial: Path, size: int, sha256: str | None) -> int:
-    """How much of a file an earlier, interrupted transfer already holds."""
-    parts = _load_parts(partial, size, sha256)
+def partial_bytes(partial: Path, size: int, identity: str) -> int:
+    """How much of a file (its sha256, or URL and version) an interrupted transfer holds."""
+    parts = _load_parts(partial, size, identity)
     return sum(p.done for p in parts) if parts else 0
 
 
@@ -419,10 +422,16 @@ class Download:
     label: str  # for progress and messages, e.g. the file name
     auth: Auth | None = None
     ranges: bool = True
+    version: str = ""  # the server's ETag or Last-Modified, when no sha256 identifies it
     partial: Path = field(init=False)
 
     def __post_init__(self) -> None:
         self.partial = partial_path(self.dest)
+
+    @property
+    def identity(self) -> str:
+        """What a partial file must have been downloading to be resumed for this one."""
+        return self.sha256 or f"{self.url} {self.version}"
 
 
 class _Transfer:
@@ -444,7 +453,7 @@ class _Transfer:
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.errors: list[BaseException] = []
-        self.parts = _load_parts(job.partial, job.size, job.sha256) or _layout(
+        self.parts = _load_parts(job.partial, job.size, job.identity) or _layout(
             job.size, options, job.ranges
         )
         self.done = sum(p.done for p in self.parts)
@@ -572,7 +581,7 @@ class _Transfer:
         now = time.monotonic()
         if force or now - self._saved_at >= _SAVE_EVERY_S:
             self._saved_at = now
-            _save_parts(self.job.partial, self.job.size, self.job.sha256, self.parts)
+            _save_parts(self.job.partial, self.job.size, self.job.identity, self.parts)
 
 
 def sha256_file(path: Path, progress: ProgressFn | None = None, stage: str = "") -> str:
@@ -622,7 +631,7 @@ def _verify_and_place(job: Download, progress: ProgressFn | None) -> str:
 
 def _disk_full(job: Download) -> DiskFullError:
     have = job.partial.stat().st_size if job.partial.exists() else 0
-    kept = partial_bytes(job.partial, job.size, job.sha256)
+    kept = partial_bytes(job.partial, job.size, job.identity)
     return DiskFullError(
         f"disk full: no space left in {job.dest.parent} while downloading {job.label} "
         f"({kept / 1e6:.1f} of {job.size / 1e6:.1f} MB arrived); the partial download is kept "
@@ -643,7 +652,7 @@ def fetch(
     HttpError, or Interrupted on Ctrl-C (partial kept).
     """
     job.dest.parent.mkdir(parents=True, exist_ok=True)
-    have = partial_bytes(job.partial, job.size, job.sha256)
+    have = partial_bytes(job.partial, job.size, job.identity)
     if have == 0:
         discard_partial(job.partial)  # a leftover that does not match this file
     check_free_space(job.dest.parent, job.size - have, job.label)

@@ -98,19 +98,23 @@ def _token(home: Path) -> str | None:
         return None
 
 
+def cache_dir() -> Path:
+    """$HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub."""
+    cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    return Path(os.path.expandvars(cache)).expanduser() if cache else _hf_home() / "hub"
+
+
 def hub_env() -> HubEnv:
     """HF_ENDPOINT, HF_TOKEN (or the token file), HF_HOME / HF_HUB_CACHE and HF_HUB_OFFLINE."""
     endpoint = os.environ.get("HF_ENDPOINT", "").strip().rstrip("/") or DEFAULT_ENDPOINT
     dl.check_url(endpoint)
-    home = _hf_home()
-    cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
     offline = _truthy(os.environ.get("HF_HUB_OFFLINE")) or _truthy(
         os.environ.get("TRANSFORMERS_OFFLINE")
     )
     return HubEnv(
         endpoint=endpoint,
-        token=_token(home),
-        cache=Path(cache).expanduser() if cache else home / "hub",
+        token=_token(_hf_home()),
+        cache=cache_dir(),
         offline=offline,
     )
 

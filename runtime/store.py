@@ -471,7 +471,7 @@ def model_path(entry: CatalogEntry) -> Path:
     if entry.file:
         return _store_path(entry)
     source = next(s for s in entry.sources if isinstance(s, HfSource))
-    return hub.repo_dir(hub.hub_env().cache, source.repo).absolute()
+    return hub.repo_dir(hub.cache_dir(), source.repo).absolute()
 
 
 def _ensure_inside(path: Path, root: Path) -> None:
@@ -903,7 +903,9 @@ def _fetch_url_file(
     try:
         digest = None if how.force else _reuse_store_file(dest, remote.size, sha256)
         if digest is None:
-            job = dl.Download(url, dest, remote.size, sha256, label, None, remote.ranges)
+            job = dl.Download(
+                url, dest, remote.size, sha256, label, ranges=remote.ranges, version=remote.version
+            )
             digest = dl.fetch(client, job, how.options, how.progress)
             _write_sidecar(dest, digest)
     finally:
@@ -1063,6 +1065,18 @@ def pull_model(
     it; Ctrl-C raises download.Interrupted (a KeyboardInterrupt) in that case.
     """
     how = _Fetch(force, progress, notify or log.warning, options or TransferOptions.from_env())
+    try:
+        return _dispatch(name, sha256, as_name, revision, how)
+    except OSError as exc:  # a cache or store directory we cannot write, say
+        where = f" ({exc.filename})" if exc.filename else ""
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(f"disk full while pulling {name}{where}") from None
+        raise StoreError(f"pulling {name} failed: {exc.strerror or exc}{where}") from None
+
+
+def _dispatch(
+    name: str, sha256: str | None, as_name: str | None, revision: str | None, how: _Fetch
+) -> Pulled:
     if hub.is_hub_ref(name):
         if sha256 is not None or as_name is not None:
             raise StoreError("--sha256 and --name are for URL pulls; the hub gives the sha256")
@@ -1283,7 +1297,7 @@ def list_models(include_all: bool = False) -> list[ModelInfo]:
 
 def _owned(path: Path, record: Record) -> bool:
     """Whether `path` is somewhere this store may delete a file of `record`."""
-    root = hub.hub_env().cache if record.kind == "hf" else models_dir()
+    root = hub.cache_dir() if record.kind == "hf" else models_dir()
     return os.path.abspath(path).startswith(os.path.abspath(root) + os.sep)
 
 

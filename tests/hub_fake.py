@@ -307,6 +307,7 @@ class _Handler(BaseHTTPRequestHandler):
         if span:
             self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
         self.send_header("Accept-Ranges", "bytes" if self.hub.ranges else "none")
+        self.send_header("ETag", f'"{sha256(data)[:16]}"')
         self.send_header("Content-Length", str(end - start))
         self.end_headers()
         if body:

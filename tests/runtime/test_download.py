@@ -111,6 +111,30 @@ def test_ctrl_c_keeps_the_partial_and_the_next_pull_continues(homes: Homes, fake
     assert_placed(homes, got)
 
 
+def test_a_partial_of_another_version_is_not_resumed(homes: Homes, fake: FakeHub) -> None:
+    def interrupt(stage: str, done: int, total: int) -> None:
+        if done > 1_500_000:
+            raise KeyboardInterrupt
+
+    with pytest.raises(dl.Interrupted):
+        pull(fake, sha256=None, progress=interrupt)
+    newer = bytes(reversed(data()))  # same size, other bytes, other ETag
+    fake.files[FILE] = newer
+    got = pull(fake, sha256=None, force=True)
+    assert fake.ranges_asked()[-1].startswith("bytes=0-")
+    assert got.paths[0].read_bytes() == newer
+
+
+def test_unwritable_cache_is_one_clear_error(
+    homes: Homes, fake: FakeHub, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    monkeypatch.setenv("LLMAPP_HOME", str(not_a_dir / "store"))
+    with pytest.raises(StoreError, match="cannot create the store directory .*: Not a directory"):
+        pull(fake)
+
+
 def test_killed_pull_resumes_on_the_next_run(homes: Homes, fake: FakeHub) -> None:
     fake.bytes_per_s = 2e6  # about two seconds for the file
     code = "import sys; from llmapp.app.cli import main; sys.exit(main(sys.argv[1:]))"

@@ -386,6 +386,15 @@ def test_file_placed_by_another_tool_is_reused_offline(
         store.pull_model(f"hf.co/{REPO}:Q8_0")
 
 
+def test_unwritable_hub_cache_is_one_clear_error(
+    homes: Homes, fake: FakeHub, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "file" / "hub"))
+    with pytest.raises(StoreError, match="pulling hf.co/.* failed: Not a directory"):
+        store.pull_model(f"hf.co/{REPO}:Q4_K_M")
+
+
 def test_unreachable_hub_falls_back_to_the_cache_with_a_warning(
     homes: Homes, fake: FakeHub, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
