@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -11,6 +12,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from llmapp.app.server import tools
 from llmapp.app.server.errors import APIError, from_runtime
 from llmapp.app.server.pool import LoadedModel, ModelPool
 from llmapp.app.server.replies import (
@@ -128,13 +130,15 @@ async def _open_streams(
     prompts: list[Any],
     params: SamplingParams,
     request_id: str,
+    template_tools: list[dict[str, Any]] | None = None,
 ) -> list[RequestStream]:
     """Submit every prompt; any refusal (too long, queue full) refuses the whole request."""
     streams: list[RequestStream] = []
     try:
         for i, prompt in enumerate(prompts):
             rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
-            streams.append(await model.engine.stream(prompt, params, request_id=rid))
+            stream = await model.engine.stream(prompt, params, request_id=rid, tools=template_tools)
+            streams.append(stream)
     except Exception as exc:
         for stream in streams:
             stream.abort()
@@ -151,9 +155,29 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         body.max_completion_tokens if body.max_completion_tokens is not None else (body.max_tokens)
     )
     params = sampling_params(body, model, max_tokens, body.logprobs, body.top_logprobs or 0)
+    messages, template_tools, params = _with_tools(body, model, params)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
-    streams = await _open_streams(model, [chat_messages(body)], params, rid)
-    return await _respond(request, "chat", rid, pool, model, streams, body, params.logprobs)
+    streams = await _open_streams(model, [messages], params, rid, template_tools)
+    names = [t.get("function", {}).get("name") for t in body.tools or [] if params.grammar]
+    return await _respond(request, "chat", rid, pool, model, streams, body, params.logprobs, names)
+
+
+def _with_tools(
+    body: ChatCompletionRequest, model: LoadedModel, params: SamplingParams
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None, SamplingParams]:
+    """The request's messages, tools for the template, and params with the calls' grammar."""
+    messages = chat_messages(body)
+    if not body.tools:
+        return messages, None, params
+    if params.constrained:
+        raise APIError(400, "tools cannot be combined with response_format", "tools")
+    parallel = body.parallel_tool_calls is not False
+    template = model.engine.template
+    plan = tools.plan(messages, body.tools, body.tool_choice, parallel, template.supports_tools)
+    if plan.grammar is None:
+        return plan.messages, None, params
+    params = dataclasses.replace(params, grammar=plan.grammar, grammar_trigger=plan.trigger)
+    return plan.messages, plan.template_tools, params
 
 
 @router.post("/v1/completions")
@@ -209,10 +233,22 @@ async def _respond(
     streams: list[RequestStream],
     body: _Sampling,
     logprobs: bool,
+    tool_names: list[str] | None = None,
 ) -> Any:
     meta = ReplyMeta(kind, rid, pool.public_name(model.name), int(time.time()))
     tok = model.engine.tokenizer
-    choices = [Choice(kind, i, tok, logprobs) for i in range(len(streams))]
+    choices = [
+        Choice(
+            kind,
+            i,
+            tok,
+            logprobs,
+            tools=bool(tool_names),
+            tool_names=tool_names or [],
+            streaming=body.stream,
+        )
+        for i in range(len(streams))
+    ]
     headers = {"x-request-id": rid}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -274,8 +310,7 @@ async def _sse_events(
             yield b": keep-alive\n\n"
             continue
         i, delta = item
-        choice = choices[i].push(delta)
-        if choice is not None:
+        for choice in choices[i].push(delta):
             yield sse(meta.envelope([choice], chunk=True))
         if delta.finish_reason is None:
             continue
@@ -283,7 +318,8 @@ async def _sse_events(
         if problem is not None:
             yield sse(problem.body())  # the stream ends here, after one error event
             return
-        yield sse(meta.envelope([choices[i].closing()], chunk=True))
+        for choice in choices[i].closing():
+            yield sse(meta.envelope([choice], chunk=True))
     if include_usage:
         usage = sum_usage([c.final.usage for c in choices if c.final])
         yield sse({**meta.envelope([], chunk=True), "usage": usage_json(usage)})

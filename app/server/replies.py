@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from llmapp.app.server.tools import StreamSplitter, split_reply
 from llmapp.runtime import Delta, RequestStream
 from llmapp.runtime.engine import TokenLogprob, Usage
 from llmapp.runtime.tokenizer import Tokenizer
@@ -58,6 +59,17 @@ class Choice:
     pending: list[TokenLogprob] = field(default_factory=list)  # not yet sent with any text
     all_logprobs: list[TokenLogprob] = field(default_factory=list)
     final: Delta | None = None
+    tools: bool = False  # the reply may hold tool calls
+    tool_names: list[str] = field(default_factory=list)
+    streaming: bool = False
+    emitted: int = 0  # characters of content sent so far
+    n_calls: int = 0  # tool calls sent so far
+    calls: list[dict[str, Any]] = field(default_factory=list)
+    splitter: StreamSplitter | None = None
+
+    def __post_init__(self) -> None:
+        if self.tools and self.streaming:
+            self.splitter = StreamSplitter(self.tool_names)
 
     def _lp_entry(self, token: int, logprob: float) -> dict[str, Any]:
         data = self.tokenizer.token_bytes(token)
@@ -92,26 +104,49 @@ class Choice:
             return self.chat_logprobs(items)
         return self.text_logprobs(items, offset)
 
-    def push(self, delta: Delta) -> dict[str, Any] | None:
-        """A streamed choice for this delta, or None when it adds no text yet."""
+    def push(self, delta: Delta) -> list[dict[str, Any]]:
+        """The streamed choices for this delta (none while it adds no text yet)."""
         if delta.finish_reason is not None:
             self.final = delta
         self.pending.extend(delta.logprobs)
         self.all_logprobs.extend(delta.logprobs)
         if not delta.text:
-            return None
-        offset = sum(map(len, self.text))
+            return []
         self.text.append(delta.text)
-        items, self.pending = self.pending, []
-        body = {"content": delta.text} if self.kind == "chat" else None
-        return self._choice(body, delta.text, items, offset, None)
+        if self.splitter is None:
+            return [self._content(delta.text)]
+        content, calls = self.splitter.feed(delta.text)
+        out = [self._content(content)] if content else []
+        return out + [c for call in calls for c in self._call_chunks(call)]
 
-    def closing(self) -> dict[str, Any]:
-        """The one streamed choice that carries the finish reason (and leftover logprobs)."""
+    def _content(self, text: str) -> dict[str, Any]:
+        offset = self.emitted
+        self.emitted += len(text)
         items, self.pending = self.pending, []
-        offset = sum(map(len, self.text))
-        return self._choice({} if self.kind == "chat" else None, "", items, offset,
-                            self.finish_reason)  # fmt: skip
+        body = {"content": text} if self.kind == "chat" else None
+        return self._choice(body, text, items, offset, None)
+
+    def _call_chunks(self, call: dict[str, Any]) -> list[dict[str, Any]]:
+        """A call as OpenAI streams it: id, type and name first, then the arguments."""
+        index = self.n_calls
+        self.n_calls += 1
+        head = {"index": index, "id": call["id"], "type": "function",
+                "function": {"name": call["function"]["name"], "arguments": ""}}  # fmt: skip
+        args = {"index": index, "function": {"arguments": call["function"]["arguments"]}}
+        return [self._choice({"tool_calls": [part]}, "", [], 0, None) for part in (head, args)]
+
+    def closing(self) -> list[dict[str, Any]]:
+        """The last streamed choices: text held back, then the one with the finish reason."""
+        out = []
+        if self.splitter is not None:
+            rest, calls = self.splitter.finish()
+            if rest:
+                out.append(self._content(rest))
+            out += [c for call in calls for c in self._call_chunks(call)]
+        items, self.pending = self.pending, []
+        body: dict[str, Any] | None = {} if self.kind == "chat" else None
+        out.append(self._choice(body, "", items, self.emitted, self.finish_reason))
+        return out
 
     def _choice(
         self,
@@ -132,13 +167,21 @@ class Choice:
 
     @property
     def finish_reason(self) -> str:
+        if self.n_calls or (self.splitter is None and self.calls):
+            return "tool_calls"
         reason = self.final.finish_reason if self.final else None
         return reason if reason in ("stop", "length") else "stop"
 
     def whole(self) -> dict[str, Any]:
         text = "".join(self.text)
         out: dict[str, Any] = {"index": self.index}
-        if self.kind == "chat":
+        if self.kind == "chat" and self.tools:
+            content, self.calls = split_reply(text, self.tool_names)
+            message: dict[str, Any] = {"role": "assistant", "content": content or None}
+            if self.calls:
+                message["tool_calls"] = self.calls
+            out["message"] = message
+        elif self.kind == "chat":
             out["message"] = {"role": "assistant", "content": text}
         else:
             out["text"] = text
