@@ -346,3 +346,24 @@ def test_real_gguf_pulled_from_the_hub_loads_with_show(
     assert s["name"] == ref and s["architecture"] == "llama" and s["quant"] == "Q4_1"
     assert s["parameters"] == 134515008 and s["tensor_types"] == {"Q4_1": 210, "F32": 61, "Q8_0": 1}
     assert Path(s["path"]).resolve().parent.name == "blobs"
+
+
+def test_a_shipped_hub_entry_pulls_through_the_hub_and_is_verified_by_its_header(
+    fake_hub: FakeHub, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    entry = store.get_entry("llama3.2:1b")
+    source = entry.sources[0]
+    assert isinstance(source, store.HfSource)
+    data = make_gguf(tmp_path / "l.gguf", seed=5)
+    fake_hub.add_repo(source.repo, {source.file: data})
+    assert main(["pull", "llama3.2:1b"]) == 0
+    out, err = capsys.readouterr()
+    assert Path(out.strip()).read_bytes() == data
+    assert "pulled llama3.2:1b" in err and "sha256 verified against the hub" in err
+    assert main(["list", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)["models"]
+    assert [(m["name"], m["size"], m["pulled"]) for m in listed] == [
+        ("llama3.2:1b", len(data), True)
+    ]
+    assert main(["show", "--json", "llama3.2:1b"]) == 0
+    assert json.loads(capsys.readouterr().out)["name"] == "llama3.2:1b"
