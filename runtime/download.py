@@ -665,4 +665,7 @@ def fetch(
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise _disk_full(job) from None
         raise StoreError(f"writing {job.partial}: {exc.strerror or exc}") from None
-    return _verify_and_place(job, progress)
+    try:
+        return _verify_and_place(job, progress)
+    except KeyboardInterrupt:
+        raise Interrupted(job.partial) from None  # every byte is kept; the check runs again

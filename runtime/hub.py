@@ -570,20 +570,27 @@ def _resolve(
     return metas
 
 
-def _check_expected(metas: list[FileMeta], expect: Expect | None) -> None:
-    if expect is None:
+def _check_expected(
+    files: list[tuple[str, str, int]], expect: Expect | None, whose: str = "the hub's"
+) -> None:
+    """(file, sha256, size) against what the catalog says the one file must be."""
+    if expect is None or not (expect.sha256 or expect.size):
         return
-    if (expect.sha256 or expect.size) and len(metas) != 1:
+    if len(files) != 1:
         raise StoreError("a catalog sha256 or size can only check a model of one file")
-    meta = metas[0]
-    if expect.sha256 and expect.sha256 != meta.sha256:
+    file, sha256, size = files[0]
+    if expect.sha256 and expect.sha256 != sha256:
         raise dl.ChecksumError(
-            f"{meta.file}: the hub's sha256 is {meta.sha256}, the catalog expects {expect.sha256}"
+            f"{file}: {whose} sha256 is {sha256}, the catalog expects {expect.sha256}"
         )
-    if expect.size and expect.size != meta.size:
-        raise dl.ChecksumError(
-            f"{meta.file}: the hub's size is {meta.size}, the catalog expects {expect.size}"
-        )
+    if expect.size and expect.size != size:
+        raise dl.ChecksumError(f"{file}: {whose} size is {size}, the catalog expects {expect.size}")
+
+
+def _check_cached(cached: HubPull, expect: Expect | None) -> HubPull:
+    found = [(f, p.sha256, p.size) for f, p in zip(cached.files, cached.pulled, strict=True)]
+    _check_expected(found, expect, "the cached file's")
+    return cached
 
 
 def file_lock(path: Path, what: str, notify: NotifyFn) -> Any:
@@ -623,7 +630,15 @@ def _fetch_blob(
                 return blob
             notify(f"the cached {label} is damaged; downloading it again")
         blob.unlink(missing_ok=True)
-        download = dl.Download(meta.url, blob, meta.size, meta.sha256, label, env.auth())
+        # Ask the download host itself whether it serves ranges (a mirror may not).
+        remote = dl.probe(client, meta.url, env.auth(), options)
+        if remote.size != meta.size:
+            raise dl.ChecksumError(
+                f"{label}: served with {remote.size} bytes, the hub says {meta.size}"
+            )
+        download = dl.Download(
+            meta.url, blob, meta.size, meta.sha256, label, env.auth(), remote.ranges
+        )
         dl.fetch(client, download, options, progress, f"downloading {label}{counter}")
         return blob
     finally:
@@ -707,7 +722,7 @@ def pull(
     env = hub_env()
     say = notify or log.warning
     if env.offline:
-        return _offline(env, ref, progress)
+        return _check_cached(_offline(env, ref, progress), expect)
     options = options or dl.TransferOptions.from_env()
     with dl.open_client(options) as client:
         try:
@@ -719,6 +734,6 @@ def pull(
             if cached is None:
                 raise StoreError(f"cannot reach {env.endpoint}: {dl.describe(exc)}") from None
             say(f"cannot reach {env.endpoint} ({dl.describe(exc)}); using the cached {ref.name}")
-            return cached
-        _check_expected(metas, expect)
+            return _check_cached(cached, expect)
+        _check_expected([(m.file, m.sha256, m.size) for m in metas], expect)
         return _transfer(client, env, ref, metas, force, progress, say, options)

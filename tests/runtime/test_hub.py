@@ -488,3 +488,23 @@ def test_two_names_for_one_file_share_it(homes: Homes, fake: FakeHub) -> None:
     assert a.is_file()  # still the catalog model's file
     store.remove("tiny:hub")
     assert not a.exists() and tree(repo_cache(homes) / "blobs") == []
+
+
+def test_offline_catalog_model_is_still_checked_against_the_catalog(
+    homes: Homes, fake: FakeHub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store.pull_model(f"hf.co/{REPO}:Q4_K_M")  # in the cache now
+    homes.store.mkdir(parents=True, exist_ok=True)
+    wrong = hub_entry("tiny:pinned", f'size = {len(model_bytes(0))}\nsha256 = "{"2" * 64}"')
+    (homes.store / "models.toml").write_text(wrong)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(dl.ChecksumError, match="the cached file's sha256 is .* expects 2222"):
+        store.pull("tiny:pinned")
+
+
+def test_a_mirror_without_ranges_still_serves_large_files(homes: Homes, fake: FakeHub) -> None:
+    fake.ranges = False
+    options = dl.TransferOptions(parts=4, min_part_bytes=1 << 16, retry_wait=0.01)
+    got = store.pull_model(f"hf.co/{REPO}:Q8_0", options=options)
+    assert got.paths[0].read_bytes() == model_bytes(1)
+    assert len(fake.body_requests()) == 1  # one whole-file request, not four parts
