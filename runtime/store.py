@@ -1256,7 +1256,8 @@ class ModelInfo:
     pulled: bool
     verified: bool
     approx: bool = False  # size is the catalog's estimate (the hub gives the exact one)
-    source: str = ""
+    source: str = ""  # where it comes from: the catalog's first source, or what was pulled
+    description: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -1274,12 +1275,16 @@ def _entry_info(entry: CatalogEntry) -> ModelInfo:
     if have:
         size = sum(p.stat().st_size for p in have)
         path = have[0].absolute()
-        return ModelInfo(entry.name, path, size, entry.quant, True, True, source=source)
+        return ModelInfo(
+            entry.name, path, size, entry.quant, True, True, False, source, entry.description
+        )
     path = model_path(entry).absolute()
     pulled = bool(entry.file) and _is_pulled(entry, path)
     approx = entry.verify == VERIFY_HUB
     size = entry.display_size
-    return ModelInfo(entry.name, path, size, entry.quant, pulled, False, approx, source)
+    return ModelInfo(
+        entry.name, path, size, entry.quant, pulled, False, approx, source, entry.description
+    )
 
 
 def list_models(include_all: bool = False) -> list[ModelInfo]:
