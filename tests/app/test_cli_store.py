@@ -41,6 +41,8 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     sha = hashlib.sha256(FAKE).hexdigest()
     (home / "models.toml").write_text(FAKE_TOML.format(size=len(FAKE), sha=sha))
     monkeypatch.setenv(store.HOME_ENV, str(home))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # hub entries' paths: not the real cache
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
 
     def fake_download(spec: str, dest: Path) -> Path:
         dest.mkdir(parents=True)
@@ -263,7 +265,6 @@ def test_show_pulls_a_hub_model_on_first_use(
         (["pull", f"hf.co/{REPO}:Q5_K_S"], "", ["quants there: Q4_K_M, Q8_0"]),
         (["pull", "hf.co/../etc"], "", ["not a hub repository name"]),
         (["pull", "smollm2:135m", "--sha256", "a" * 64], "", ["not for catalog models"]),
-        (["run", f"hf.co/{REPO}:Q4_K_M", "hi"], "gated", ["is gated"]),
     ],
 )
 def test_hub_failures_are_one_clear_line(
@@ -277,6 +278,15 @@ def test_hub_failures_are_one_clear_line(
         setattr(fake_hub.repos[REPO], setup, True)
     assert main(args) == 1
     one_error_line(capsys.readouterr().err, *parts)
+
+
+def test_run_with_a_gated_hub_model_ends_with_the_advice(
+    fake_hub: FakeHub, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake_hub.repos[REPO].gated = True
+    assert main(["run", f"hf.co/{REPO}:Q4_K_M", "hi"]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("llmapp: error: ") and "is gated: accept its license at" in last
 
 
 def test_url_pull_with_a_wrong_sha256_names_both_hashes(

