@@ -70,6 +70,29 @@ def _ll_tokenizer(tokenizer: Tokenizer) -> Any:
         return cached
 
 
+# Bounds that keep a small model from running on until max_tokens inside valid JSON: runs of
+# whitespace, and digits after a number's decimal point (gemma3-270m wrote "1.000000..." until
+# the limit). Any output they allow is still valid against the caller's schema.
+WHITESPACE = r"[\x20\x0A\x0D\x09]{1,24}"
+NUMBER_STEP = 1e-8  # at most 8 decimals where a schema sets no multipleOf
+
+
+def bounded(schema: Any) -> Any:
+    """The schema with the bounds above, and `additionalProperties: false` on objects that
+    list properties and say nothing of others (what OpenAI's strict mode requires: left open,
+    a small model keeps inventing properties)."""
+    if isinstance(schema, list):
+        return [bounded(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {key: bounded(value) for key, value in schema.items()}
+    if "properties" in out and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    if out.get("type") == "number" and "multipleOf" not in out:
+        out["multipleOf"] = NUMBER_STEP
+    return out
+
+
 def grammar_for(
     json_schema: Mapping[str, Any] | str | bool | None = None,
     grammar: str | None = None,
@@ -84,9 +107,12 @@ def grammar_for(
         json_schema = {"type": "object"}  # "json_object": any JSON object
     if isinstance(json_schema, Mapping | str):
         try:
-            source = json_schema if isinstance(json_schema, str) else json.dumps(json_schema)
-            return str(ll.LLMatcher.grammar_from_json_schema(source))
-        except (ValueError, TypeError) as exc:
+            if isinstance(json_schema, str):
+                json_schema = json.loads(json_schema)
+            source = json.dumps(bounded(json_schema))
+            options = {"whitespace_pattern": WHITESPACE}
+            return str(ll.LLMatcher.grammar_from_json_schema(source, overrides=options))
+        except (ValueError, TypeError, RecursionError) as exc:
             raise ConstraintError(f"invalid JSON schema: {exc}") from None
     if grammar is not None:
         if "::=" in grammar:  # GBNF, llama.cpp's grammar format

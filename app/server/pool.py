@@ -124,8 +124,12 @@ class ModelPool:
             return self.default_key
         if name in self._aliases:
             return self._aliases[name]
+        # Catalog names and models already pulled; a client cannot start a pull of an
+        # arbitrary hub repository or URL.
         if name in model_store.catalog():
             return name
+        if model_store.is_model_name(name) and model_store.find_record(name) is not None:
+            return model_store.canonical_name(name)
         raise APIError(
             404,
             f"model '{name}' is not served here; GET /v1/models lists the names",

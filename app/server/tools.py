@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llmapp.app.server.errors import APIError
+from llmapp.runtime.constrain import WHITESPACE, bounded
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 _CALL_RE = re.compile(re.escape(OPEN) + r"\s*(.*?)\s*" + re.escape(CLOSE), re.DOTALL)
@@ -80,7 +81,8 @@ def calls_grammar(functions: dict[str, dict[str, Any]], names: list[str], parall
         }
         for n in names
     ]
-    schema = variants[0] if len(variants) == 1 else {"anyOf": variants}
+    schema = bounded(variants[0] if len(variants) == 1 else {"anyOf": variants})
+    schema["x-guidance"] = {"whitespace_pattern": WHITESPACE}
     more = f'(NL? "{OPEN}" call)*' if parallel else ""
     head = "call" if lazy else f'"{OPEN}" call'
     return "\n".join([
