@@ -62,7 +62,8 @@ class LoadProgress:
         self.cold = kernel_cache_is_cold()
         label = COMPILE_LABEL if self.cold else f"loading {model}"
         self._start = time.monotonic()
-        self._progress = Progress(label, None, quiet=quiet, delay=0.0 if self.cold else 1.0)
+        # Even a compile waits half a second: a file that fails to open says so alone.
+        self._progress = Progress(label, None, quiet=quiet, delay=0.5 if self.cold else 1.0)
 
     def done(self) -> None:
         took = time.monotonic() - self._start
@@ -77,14 +78,17 @@ class LoadProgress:
 
 
 def resolve(model: str, quiet: bool = False) -> Path:
-    """A model argument -> its file; a catalog model not pulled yet is pulled, with progress."""
+    """A model argument -> its file; a model not in the store yet is pulled, with progress."""
     from llmapp.runtime import store
 
-    entry = store.catalog().get(model)
-    if entry is None or Path(model).expanduser().is_file() or store.is_verified(entry):
-        return store.resolve_model(model)
     with stage_progress(f"pulling {model}", quiet=quiet) as progress:
-        return store.pull(model, progress=progress)
+        return store.resolve_model(model, progress=progress, notify=_notice)
+
+
+def _notice(message: str) -> None:
+    # A bar may own the terminal's current line: clear it first (it redraws itself).
+    clear = "\r\x1b[K" if sys.stderr.isatty() else ""
+    print(f"{clear}llmapp: {message}", file=sys.stderr)
 
 
 def physical_cores() -> int:
@@ -229,19 +233,19 @@ def sampling_params(args: argparse.Namespace) -> Any:
     )
 
 
-def open_engine(model: str, ctx_size: int, threads: int | None, quiet: bool = False) -> Any:
+def open_engine(path: Path, ctx_size: int, threads: int | None) -> Any:
     from llmapp.runtime.engine import Engine, EngineOptions
     from llmapp.runtime.model_runner import RunnerOptions
 
-    path = resolve(model, quiet)
     return Engine(path, EngineOptions(runner=RunnerOptions(ctx_size=ctx_size, n_threads=threads)))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     params = sampling_params(args)
     text = read_prompt(args)
+    path = resolve(args.model, args.quiet)
     with LoadProgress(args.model, args.quiet) as loading:
-        engine = open_engine(args.model, args.ctx_size, args.threads, args.quiet)
+        engine = open_engine(path, args.ctx_size, args.threads)
         try:
             prompt: Any = text
             if not args.raw:
@@ -312,9 +316,10 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
         text = args.file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise LlmappError(f"cannot read {args.file}: {exc}") from exc
+    path = resolve(args.model, args.quiet)
     with LoadProgress(args.model, args.quiet) as loading:
         runner = ModelRunner(
-            resolve(args.model, args.quiet),
+            path,
             RunnerOptions(ctx_size=max(args.ctx, 16), n_threads=args.threads),
         )
         tokenizer = Tokenizer.from_gguf(runner.gguf)
@@ -370,8 +375,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise LlmappError(f"-p takes comma-separated integers, got {args.prompts!r}") from exc
     check_bench_args(args)
     threads = args.threads or physical_cores()
+    path = resolve(args.model, args.quiet)
     with LoadProgress(args.model, args.quiet) as loading:
-        path = resolve(args.model, args.quiet)
         # The engine goes first, and its compute thread has ended before the main thread runs
         # any kernel: with OpenMP, kernels launched from one thread while another thread that
         # launched some is still alive ran ~1.8x slower here (each thread has its own pool).
