@@ -12,9 +12,10 @@ CSS = """
 #conversations { height: 1fr; border: none; padding: 0; background: transparent; }
 
 #main { width: 1fr; }
-#pull { height: 1; padding: 0 1; background: $boost; }
-#pull-stage { width: 1fr; }
-#pull-progress { width: 30; }
+PullBar { height: 2; padding: 0 1; background: $boost; }
+PullBar > Horizontal { height: 1; }
+#pull-stage { width: 1fr; height: 1; text-overflow: ellipsis; }
+#pull-progress { width: 1fr; }
 #pull-hint { color: $text-muted; padding-left: 1; }
 
 .pane { height: 1fr; }
@@ -67,5 +68,4 @@ ModalScreen { align: center middle; }
 #settings .buttons { height: 1; margin-top: 1; }
 #settings Button { margin-right: 2; }
 #models { height: auto; max-height: 12; border: none; padding: 0; }
-#picker-pull { height: 1; }
 """

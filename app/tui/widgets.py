@@ -114,13 +114,14 @@ class ConversationList(OptionList):
             self.highlighted = keys.index(current)
 
 
-class PullBar(Horizontal):
-    """Progress of a model pull (the first use of a model, or the picker)."""
+class PullBar(Vertical):
+    """Progress of a model pull (the first use of a model, or the picker): what, then how far."""
 
     def compose(self) -> ComposeResult:
         yield Label("", id="pull-stage")
-        yield ProgressBar(total=None, show_eta=False, id="pull-progress")
-        yield Label("esc: cancel", id="pull-hint")
+        with Horizontal():
+            yield ProgressBar(total=None, show_eta=False, id="pull-progress")
+            yield Label("esc: cancel", id="pull-hint")
 
     def report(self, stage: str, done: int, total: int) -> None:
         self.query_one("#pull-stage", Label).update(stage)

@@ -28,6 +28,7 @@ class ScriptedBackend:
     """Replies chosen by the last user message, so snapshots never vary.
 
     "[hold]" in the message: the reply streams its words, then waits for `release`.
+    Model "slow:model" loads only once `loaded` is set; "missing:model" does not exist.
     "[slow]": a pause between words. "too long": rejected like a prompt that does not fit.
     """
 
@@ -37,6 +38,7 @@ class ScriptedBackend:
         self.ready: set[str] = set()
         self.requests: list[tuple[str, list[dict[str, str]], ChatSettings]] = []
         self.release = asyncio.Event()
+        self.loaded = asyncio.Event()  # "slow:model" loads when this is set
         self.active = 0
         self.aborted = 0
         self.closed = False
@@ -51,6 +53,8 @@ class ScriptedBackend:
     ) -> None:
         if model == "missing:model":
             raise ModelNotFoundError("unknown model 'missing:model' (not in the catalog)")
+        if model == "slow:model":
+            await self.loaded.wait()
         self.ready.add(model)
 
     async def default_model(self) -> str:

@@ -352,3 +352,16 @@ async def test_help_theme_and_resize(make_app: MakeApp) -> None:
         await pilot.press("ctrl+t")
         assert app.theme == "textual-dark"
     assert History(app.history.path).get_meta("theme") == "textual-dark"
+
+
+async def test_input_takes_text_while_the_model_loads(make_app: MakeApp) -> None:
+    app, backend = make_app(model="slow:model")
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = await started(pilot, app)
+        await wait_until(pilot, lambda: "slow:model · loading" in screen_text(app))
+        await send(pilot, "early bird")
+        await wait_until(pilot, lambda: "early bird" in screen_text(app))
+        assert backend.requests == [] and screen.conversation.generating  # type: ignore[union-attr]
+        backend.loaded.set()
+        await wait_until(pilot, lambda: n_messages(screen) == 2, what="the reply after the load")
+        assert screen.conversation.messages[1].content == "You said: early bird. Done."  # type: ignore[union-attr]

