@@ -25,7 +25,11 @@ Paths:
   weight load (simd.py: explicit vectors in registers). Measured on 2 threads (Zen 5, Qwen2.5
   ffn_up Q5_0 4864x896): M=1 35 us, M=8 ~100 us, M=16 ~190 us, M=128 ~1.3 ms (~420 Gmac/s);
   the portable code for CPUs without VNNI (AVX-512BW: vpmaddwd) is ~2.2x slower from M=4 on and
-  still ahead of the float path at every M.
+  still ahead of the float path at every M. On aarch64 the same layout feeds usdot (i8mm:
+  unsigned by signed bytes, as vpdpbusd) or sdot (dotprod: signed only, so it takes u - 128 and
+  the sums start 128 * sum(x) higher); integer sums are exact, so every path gives the same
+  bits. smmla/usmmla (i8mm's 2x8 by 8x2 tiles) would need 8 columns of 2 weight rows against 2
+  activation rows per register: another layout, for a gain to be measured on ARM hardware.
 - float (float weights; path="float"): each tile is dequantized to float once into a
   thread-local buffer and a float FMA kernel runs all rows against it, 4 rows per pass;
   ~120 Gmac/s at M=128, a third of the int8 path, but exact in the activations.
@@ -77,9 +81,10 @@ every M from 1 to 512, VNNI or not), float for float weights."""
 
 FLOAT_TYPES = (F32, F16, BF16)
 
-USE_VNNI = simd.HOST_VNNI
-"""Read at each call: the int8 kernels use vpdpbusd when true (tests set it false to run the
-portable code on a VNNI machine)."""
+USE_VNNI = bool(simd.HOST_DOT)
+"""Read at each call: the int8 kernels use the host's dot-product instruction when true
+(simd.HOST_DOT: VNNI's vpdpbusd on x86, usdot or sdot on aarch64; the name is x86's). Tests set
+it false to run the portable code on such a machine."""
 
 
 QUANT_SPECS = SPECS
@@ -565,7 +570,10 @@ def matmul(
         else:
             _float_parallel(*args_f, workers)
         return out
-    args = (x, w.qs, w.scales, w.mins, w.group, w.bias, w.n_rows, out)
+    # The sums start at -bias * sum(x) to undo the weights' bias; sdot's path has already
+    # taken DOT_OFFSET off every weight byte (simd.dot_quads), so less is left to undo.
+    bias = w.bias - (simd.DOT_OFFSET if USE_VNNI else 0)
+    args = (x, w.qs, w.scales, w.mins, w.group, bias, w.n_rows, out)
     if workers == 1:
         _int_serial(*args, USE_VNNI)
     else:

@@ -9,11 +9,14 @@ unsigned-by-signed byte products summed into 16 int32 lanes), which Numba never 
 The byte-lane ones (load_bytes, the integer operators on I32X16, lookup16, put_lanes) decode
 quantized blocks 16 elements at a time (blocks.py).
 
-Portability: `dot_quads` emits vpdpbusd only when the host CPU has AVX512-VNNI and its `vnni`
-argument is true; otherwise the same sum in generic LLVM IR (widen, multiply, add pairs), which
-LLVM lowers for any target (AVX-512BW: vpmaddwd, ~2.2x slower here from 4 rows on); likewise
-`lookup16` emits vpermd only where the host has AVX-512F. Numba's cache is keyed by the host
-CPU, so code compiled with VNNI is never loaded on a CPU without it.
+Portability: `dot_quads` emits the host's byte dot-product instruction (HOST_DOT) only when its
+`vnni` argument is true: vpdpbusd where the CPU has AVX512-VNNI, usdot on aarch64 with i8mm
+(Apple M2+, Graviton3+), sdot on aarch64 with dotprod (Apple M1, Graviton2, Cortex-A76 / Pi 5).
+Otherwise it is the same sum in generic LLVM IR (widen, multiply, add pairs), which LLVM lowers
+for any target (AVX-512BW: vpmaddwd, ~2.2x slower here from 4 rows on; NEON: smull/addp), and
+which LLVM never turns into those instructions by itself. Likewise `lookup16` emits vpermd only
+where the host has AVX-512F. Numba's cache is keyed by the target CPU name and features, so
+code compiled with an instruction is never loaded on a CPU without it.
 
 No bounds checks: callers index inside their arrays (64 bytes from a byte index, 16 float32).
 Note for the cache: `cache=True` keys on the calling file only; after editing this file, clear
@@ -24,12 +27,15 @@ from __future__ import annotations
 
 import operator
 import os
+import re
 from typing import Any
 
 import llvmlite.binding as llb
+import numba
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
+from numba.core.codegen import get_host_cpu_features
 from numba.extending import intrinsic, models, overload, register_model
 
 LANES = 16
@@ -71,6 +77,78 @@ HOST_VNNI = _host_has("avx512vnni")
 """Whether dot_quads may use vpdpbusd on this machine."""
 HOST_AVX512 = _host_has("avx512f")
 """Whether lookup16 may use vpermd on this machine."""
+
+
+# Generic IR that LLVM's AArch64 backend turns into sdot (with dotprod) and usdot (with i8mm):
+# compiled for a CPU name and features, it tells which of the two that target has.
+_ARM_PROBE = """
+define i32 @signed_dot(<16 x i8> %a, <16 x i8> %b) {
+  %x = sext <16 x i8> %a to <16 x i32>
+  %y = sext <16 x i8> %b to <16 x i32>
+  %p = mul <16 x i32> %x, %y
+  %r = call i32 @llvm.vector.reduce.add.v16i32(<16 x i32> %p)
+  ret i32 %r
+}
+define i32 @mixed_dot(<16 x i8> %a, <16 x i8> %b) {
+  %x = zext <16 x i8> %a to <16 x i32>
+  %y = sext <16 x i8> %b to <16 x i32>
+  %p = mul <16 x i32> %x, %y
+  %r = call i32 @llvm.vector.reduce.add.v16i32(<16 x i32> %p)
+  ret i32 %r
+}
+declare i32 @llvm.vector.reduce.add.v16i32(<16 x i32>)
+"""
+
+
+def arm_dot_instruction(triple: str, cpu_name: str, features: str) -> str:
+    """The dot-product instruction dot_quads uses when compiling for this LLVM target: "usdot"
+    (i8mm), "sdot" (dotprod) or "" (neither, or not aarch64).
+
+    LLVM is asked rather than a table of CPU names kept here: llvmlite has no query for the
+    features a CPU name implies, and an intrinsic the target lacks aborts the process in
+    instruction selection ("Cannot select"), so a wrong guess would crash, not slow down.
+    """
+    if not triple.startswith(("aarch64", "arm64")):
+        return ""
+    if triple == llb.get_process_triple():
+        llb.initialize_native_target()
+        llb.initialize_native_asmprinter()
+    else:  # a cross-compiling check (tests on x86)
+        llb.initialize_all_targets()
+        llb.initialize_all_asmprinters()
+    module = llb.parse_assembly(f'target triple = "{triple}"\n{_ARM_PROBE}')
+    machine = llb.Target.from_triple(triple).create_target_machine(
+        cpu=cpu_name, features=features, opt=2
+    )
+    asm = machine.emit_assembly(module)
+    mixed = asm[asm.index("mixed_dot:") :] if "mixed_dot:" in asm else ""
+    if re.search(r"\busdot\b", mixed):
+        return "usdot"
+    return "sdot" if re.search(r"\bsdot\b", asm) else ""
+
+
+def _numba_arm_dot() -> str:
+    # The target Numba compiles for (numba.core.codegen: NUMBA_CPU_NAME or the host's name,
+    # NUMBA_CPU_FEATURES or the host's features; "" where LLVM cannot read them, as on macOS,
+    # where the host CPU name carries them).
+    triple = llb.get_process_triple()
+    if not triple.startswith(("aarch64", "arm64")):
+        return ""
+    name = numba.config.CPU_NAME or llb.get_host_cpu_name()  # type: ignore[attr-defined]
+    features = numba.config.CPU_FEATURES  # type: ignore[attr-defined]
+    if features is None:
+        features = get_host_cpu_features()
+    return arm_dot_instruction(triple, name, features)
+
+
+ARM_DOT = _numba_arm_dot()
+"""The aarch64 dot-product instruction of the target Numba compiles for, or ""."""
+HOST_DOT = "vpdpbusd" if HOST_VNNI else ARM_DOT
+"""The instruction dot_quads emits when asked to (its `vnni` argument), or "" for none."""
+DOT_OFFSET = 128 if HOST_DOT == "sdot" else 0
+"""What dot_quads' instruction path subtracts from every unsigned byte of u (module docstring
+of matmul: the kernels start their sums at -(bias - DOT_OFFSET) * sum(x) instead of -bias *
+sum(x)). sdot multiplies signed bytes only: u - 128 is a signed byte, u is not."""
 
 
 def _addr(context: Any, builder: Any, aryty: Any, ary: Any, idx: Any, elt: Any) -> Any:
@@ -176,23 +254,66 @@ def _dot_generic(builder: Any, acc: Any, u: Any, s: Any) -> Any:
     return builder.add(acc, four)
 
 
+_V4I = ir.VectorType(_I32, 4)
+_V16B = ir.VectorType(_I8, 16)
+
+
+def _quarters(builder: Any, v: Any) -> list[Any]:
+    # <16 x i32> as four 128-bit NEON registers (LLVM splits the wide vector so anyway: free)
+    return [
+        builder.shuffle_vector(v, v, ir.Constant(_V4I, list(range(4 * i, 4 * i + 4))))
+        for i in range(4)
+    ]
+
+
+def _dot_arm(builder: Any, acc: Any, u: Any, s: Any, instruction: str) -> Any:
+    """acc + per lane sum of 4 byte products by aarch64's usdot (u unsigned) or sdot (u - 128,
+    DOT_OFFSET). The intrinsics exist for 128-bit vectors only: one call per quarter."""
+    if instruction == "sdot":  # u - 128 as a signed byte: the top bit flipped
+        u = builder.xor(u, _splat(builder, _VI, ir.Constant(_I32, 0x80808080 - (1 << 32))))
+    fnty = ir.FunctionType(_V4I, [_V4I, _V16B, _V16B])
+    name = f"llvm.aarch64.neon.{instruction}.v4i32.v16i8"
+    fn = cgutils.get_or_insert_function(builder.module, fnty, name)
+    parts = [
+        builder.call(fn, [a, builder.bitcast(x, _V16B), builder.bitcast(y, _V16B)])
+        for a, x, y in zip(
+            _quarters(builder, acc), _quarters(builder, u), _quarters(builder, s), strict=True
+        )
+    ]
+    low = builder.shuffle_vector(
+        parts[0], parts[1], ir.Constant(ir.VectorType(_I32, 8), list(range(8)))
+    )
+    high = builder.shuffle_vector(
+        parts[2], parts[3], ir.Constant(ir.VectorType(_I32, 8), list(range(8)))
+    )
+    return builder.shuffle_vector(low, high, ir.Constant(_VI, list(range(LANES))))
+
+
+def _dot_instruction(builder: Any, acc: Any, u: Any, s: Any, instruction: str) -> Any:
+    if instruction == "vpdpbusd":
+        fnty = ir.FunctionType(_VI, [_VI, _VI, _VI])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.avx512.vpdpbusd.512")
+        return builder.call(fn, [acc, u, s])
+    return _dot_arm(builder, acc, u, s, instruction)
+
+
 @intrinsic
 def dot_quads(typingctx: Any, acc: Any, u: Any, s: Any, vnni: Any) -> Any:
-    """acc + per lane sum of 4 products (unsigned bytes of u) * (signed bytes of s).
+    """acc + per lane sum of 4 products (unsigned bytes of u) * (signed bytes of s); with
+    `vnni` true and HOST_DOT == "sdot", of (u - DOT_OFFSET) * s.
 
     No saturation (255 * 128 * 4 fits int32). `vnni` (a runtime bool, loop-invariant, so LLVM
-    moves the branch out of the loop) picks vpdpbusd where the host has it; tests pass False.
+    moves the branch out of the loop) picks the host's instruction (HOST_DOT: vpdpbusd, usdot,
+    sdot) where it has one; tests pass False for the portable code.
     """
 
     def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
         acc, u, s, use_vnni = args
-        if not HOST_VNNI:
+        if not HOST_DOT:
             return _dot_generic(builder, acc, u, s)
-        fnty = ir.FunctionType(_VI, [_VI, _VI, _VI])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.avx512.vpdpbusd.512")
         with builder.if_else(use_vnni) as (then, otherwise):
             with then:
-                fast = builder.call(fn, [acc, u, s])
+                fast = _dot_instruction(builder, acc, u, s, HOST_DOT)
                 fast_block = builder.block
             with otherwise:
                 slow = _dot_generic(builder, acc, u, s)

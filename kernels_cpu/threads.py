@@ -22,7 +22,9 @@ milliseconds), so the default is the number of physical cores.
 
 from __future__ import annotations
 
+import ctypes
 import os
+import sys
 from pathlib import Path
 
 import numba
@@ -42,10 +44,16 @@ def _configure_layer() -> None:
 _configure_layer()
 
 
+CPU_SYSFS = Path("/sys/devices/system/cpu")
+"""Linux's per-CPU topology (a parameter for tests)."""
+INTEL_CORE_CPUS = Path("/sys/devices/cpu_core/cpus")
+"""The performance cores of an Intel hybrid CPU under Linux (absent elsewhere)."""
+
+
 def _sibling_sets(cpus: set[int]) -> set[str]:
     sets = set()
     for cpu in cpus:
-        path = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list")
+        path = CPU_SYSFS / f"cpu{cpu}" / "topology" / "thread_siblings_list"
         try:
             sets.add(path.read_text().strip())
         except OSError:
@@ -53,13 +61,73 @@ def _sibling_sets(cpus: set[int]) -> set[str]:
     return sets
 
 
+def _cpu_list(text: str) -> set[int]:
+    # Linux's cpulist format: "0-3,8,10-11"
+    cpus: set[int] = set()
+    for part in text.strip().split(","):
+        if part:
+            first, _, last = part.partition("-")
+            cpus.update(range(int(first), int(last or first) + 1))
+    return cpus
+
+
+def _performance_cpus(cpus: set[int]) -> set[int]:
+    """The fastest kind of the CPUs given, where Linux tells kinds apart: cpu_capacity (arm64
+    big.LITTLE, e.g. RK3588's Cortex-A76 beside A55s) or Intel's cpu_core list; all of them
+    otherwise, or when none of the fast ones may be used."""
+    try:
+        capacity = {c: int((CPU_SYSFS / f"cpu{c}" / "cpu_capacity").read_text()) for c in cpus}
+    except (OSError, ValueError):
+        capacity = {}
+    if capacity:
+        top = max(capacity.values())
+        return {c for c, cap in capacity.items() if cap == top}
+    try:
+        fast = cpus & _cpu_list(INTEL_CORE_CPUS.read_text())
+    except (OSError, ValueError):
+        fast = set()
+    return fast or cpus
+
+
+def _sysctl_int(name: str) -> int | None:
+    """An integer sysctl read by name (macOS), or None where there is no such value."""
+    try:
+        libc = ctypes.CDLL(None)
+        sysctlbyname = libc.sysctlbyname
+    except (OSError, AttributeError):  # Linux's libc has no sysctlbyname
+        return None
+    value = ctypes.c_int64(0)  # hw.* counts are 32-bit; zeros above them read back the same
+    size = ctypes.c_size_t(ctypes.sizeof(value))
+    if sysctlbyname(name.encode(), ctypes.byref(value), ctypes.byref(size), None, 0) != 0:
+        return None
+    return int(value.value)
+
+
+def _macos_cores() -> int:
+    # Apple Silicon has no SMT but two kinds of core; perflevel0 is the performance cores
+    # (absent before macOS 12, where hw.physicalcpu counts each core once).
+    for name in ("hw.perflevel0.physicalcpu", "hw.physicalcpu"):
+        count = _sysctl_int(name)
+        if count is not None and count > 0:
+            return count
+    return max(1, os.cpu_count() or 1)
+
+
 def physical_cores() -> int:
-    """Physical cores this process may run on (hyperthread siblings counted once)."""
+    """The kernels' default thread count: physical cores this process may run on, hyperthread
+    siblings counted once, and only the performance cores where the OS tells core kinds apart
+    (macOS's perflevel0; Linux's cpu_capacity or Intel's cpu_core).
+
+    Tiles are split evenly over the threads, so a thread on an efficiency core would hold up
+    every launch: the slower cores are better left to the rest of the system.
+    """
+    if sys.platform == "darwin":
+        return _macos_cores()
     try:
         cpus = set(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
+    except AttributeError:  # neither Linux nor macOS: assume two threads per core
         return max(1, (os.cpu_count() or 2) // 2)
-    return max(1, len(_sibling_sets(cpus)))
+    return max(1, len(_sibling_sets(_performance_cpus(cpus))))
 
 
 def max_threads() -> int:
