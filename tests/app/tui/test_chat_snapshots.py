@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from chat_helpers import ScriptedBackend, notes, wait_until
+from chat_helpers import ScriptedBackend, notes, screen_text, wait_until
 
 from llmapp.app.tui.app import ChatApp, ChatScreen
 from llmapp.app.tui.dialogs import HelpScreen, ModelPicker, SettingsScreen
@@ -35,7 +35,9 @@ async def converse(pilot: Any, app: ChatApp, *texts: str) -> None:
         if i:
             await pilot.press("ctrl+n")
         await pilot.press(*text, "enter")
-        await wait_until(pilot, lambda: len(screen.conversation.messages) == 2)  # type: ignore[union-attr]
+        conv = screen.conversation
+        assert conv is not None
+        await wait_until(pilot, lambda: len(conv.messages) == 2 and not conv.generating)
     await pilot.pause()
 
 
@@ -70,6 +72,7 @@ def test_two_generating(snap_compare: Any, make_app: MakeApp) -> None:
         await wait_until(pilot, lambda: backend.active == 2)
         screen: ChatScreen = app.chat_screen
         await wait_until(pilot, lambda: any(e.generating for e in screen.sidebar_entries()))
+        await wait_until(pilot, lambda: "second long reply. Done." in screen_text(app))
         assert screen.pane is not None
         # Live figures depend on the clock; pin them so the picture does not.
         screen.pane.stats = ReplyStats(state="streaming")
@@ -89,6 +92,7 @@ def test_stopped_reply(snap_compare: Any, make_app: MakeApp) -> None:
         await wait_until(pilot, lambda: backend.active == 1)
         await pilot.press("escape")
         await wait_until(pilot, lambda: backend.active == 0)
+        await wait_until(pilot, lambda: not screen.conversation.generating)  # type: ignore[union-attr]
         assert screen.pane is not None
         screen.pane.stats = ReplyStats(state="stopped")
         screen.update_status()
