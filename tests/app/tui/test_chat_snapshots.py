@@ -37,7 +37,7 @@ async def converse(pilot: Any, app: ChatApp, *texts: str) -> None:
         await pilot.press(*text, "enter")
         conv = screen.conversation
         assert conv is not None
-        await wait_until(pilot, lambda: len(conv.messages) == 2 and not conv.generating)
+        await wait_until(pilot, lambda c=conv: len(c.messages) == 2 and not c.generating)
     await pilot.pause()
 
 
