@@ -8,6 +8,7 @@ j in [ctx/2, ctx - 2].
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,7 +64,10 @@ def perplexity(
     ctx: int = 256,
     chunks: int = -1,
     n_batch: int = 512,
+    progress: Callable[[int, int, float], None] | None = None,
 ) -> PerplexityResult:
+    """progress(chunks done, chunks in all, running perplexity) before the first chunk (the
+    value NaN then) and after each chunk."""
     tokens = tokenizer.encode(text, add_bos=None)
     if len(tokens) < 2 * ctx:
         need = 2 * ctx
@@ -76,6 +80,8 @@ def perplexity(
     first = ctx // 2
     nll = 0.0
     count = 0
+    if progress is not None:
+        progress(0, n_chunk, float("nan"))
     for i in range(n_chunk):
         ids = tokens[i * ctx : (i + 1) * ctx]
         if tokenizer.add_bos:
@@ -84,4 +90,6 @@ def perplexity(
         targets = np.asarray(tokens[i * ctx + first + 1 : (i + 1) * ctx], dtype=np.int64)
         nll -= float(log_softmax_at(logits[: len(targets)], targets).sum())
         count += len(targets)
+        if progress is not None:
+            progress(i + 1, n_chunk, float(np.exp(nll / count)))
     return PerplexityResult(float(np.exp(nll / count)), len(tokens), n_chunk, count)

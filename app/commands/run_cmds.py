@@ -335,34 +335,22 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
 def perplexity_with_progress(
     runner: Any, tokenizer: Any, text: str, args: argparse.Namespace, loading: LoadProgress
 ) -> Any:
-    """runtime.perplexity's computation, chunk by chunk, showing the running value.
+    """runtime.perplexity, showing chunk n/N with the running value."""
+    from llmapp.runtime.perplexity import perplexity
 
-    The runtime's perplexity() takes no progress callback, so its steps are run here from the
-    same public pieces; tests check the two give the same figure."""
-    import numpy as np
+    bars: list[Progress] = []  # made at the first report, when the chunk count is known
 
-    from llmapp.runtime.perplexity import PerplexityResult, chunk_logits, log_softmax_at
-
-    ctx = args.ctx
-    tokens = tokenizer.encode(text, add_bos=None)
-    if len(tokens) < 2 * ctx:
-        raise LlmappError(
-            f"the text has {len(tokens)} tokens; --ctx {ctx} needs at least {2 * ctx}"
-        )
-    n_chunk = len(tokens) // ctx if args.chunks < 0 else min(args.chunks, len(tokens) // ctx)
-    first, nll, count = ctx // 2, 0.0, 0
-    with Progress("perplexity", n_chunk, unit="chunk", quiet=args.quiet) as bar:
-        for i in range(n_chunk):
-            ids = tokens[i * ctx : (i + 1) * ctx]
-            if tokenizer.add_bos:
-                ids[0] = tokenizer.bos_id
-            logits = chunk_logits(runner, ids, first, 512)  # positions first..ctx-1
+    def show(done: int, total: int, ppl: float) -> None:
+        if not bars:
             loading.done()
-            targets = np.asarray(tokens[i * ctx + first + 1 : (i + 1) * ctx], dtype=np.int64)
-            nll -= float(log_softmax_at(logits[: len(targets)], targets).sum())
-            count += len(targets)
-            bar.update(i + 1, detail=f"ppl {np.exp(nll / count):.4f}")
-    return PerplexityResult(float(np.exp(nll / count)), len(tokens), n_chunk, count)
+            bars.append(Progress("perplexity", total, unit="chunk", quiet=args.quiet))
+        bars[0].update(done, detail=f"ppl {ppl:.4f}" if done else None)
+
+    try:
+        return perplexity(runner, tokenizer, text, args.ctx, args.chunks, progress=show)
+    finally:
+        for bar in bars:
+            bar.close()
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -275,7 +275,7 @@ def test_perplexity_in_a_log_shows_chunks_and_the_running_value(smollm2_path: Pa
 
 
 @pytest.mark.real_model
-def test_perplexity_with_progress_equals_the_runtime_figure(smollm2_path: Path) -> None:
+def test_perplexity_progress_reports_the_runtime_figure(smollm2_path: Path) -> None:
     import argparse
 
     from llmapp.runtime.model_runner import ModelRunner, RunnerOptions

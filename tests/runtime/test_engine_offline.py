@@ -327,3 +327,17 @@ def test_two_models_share_one_compute_thread(make: Callable[..., Engine], tiny_p
     assert scripted._compute is real._compute
     names = [t.name for t in threading.enumerate()]
     assert names.count("llmapp-compute") == 1
+
+
+def test_the_compute_thread_ends_with_the_last_engine(tiny_path: Path) -> None:
+    def compute_threads() -> int:
+        return sum(t.name == "llmapp-compute" for t in threading.enumerate())
+
+    for _ in range(2):  # and a later engine starts a new one
+        with Engine(tiny_path, opts(), runner_factory=ScriptedRunner) as engine:
+            assert drain(engine.submit("a", greedy(2)))[1].finish_reason == "length"
+            assert compute_threads() == 1
+        deadline = time.monotonic() + 5
+        while compute_threads() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert compute_threads() == 0
