@@ -100,7 +100,8 @@ def physical_cores() -> int:
 EXAMPLES = {
     "run": """\
   llmapp run smollm2:135m "Why is the sky blue?"
-  llmapp run qwen2.5-coder:0.5b --temperature 0 --max-tokens 64 - < question.txt""",
+  llmapp run qwen2.5-coder:0.5b --temperature 0 --max-tokens 64 - < question.txt
+  llmapp run qwen2.5-coder:0.5b "A person, as JSON" --json-schema person.schema.json""",
     "perplexity": """\
   llmapp perplexity gemma3:270m text.txt --ctx 256 --chunks 16
   llmapp perplexity smollm2:135m text.txt --json --quiet""",
@@ -156,6 +157,16 @@ def _add_run(sub: Any) -> None:
     p.add_argument("--raw", action="store_true", help="plain completion, no chat template")
     p.add_argument("--json", action="store_true", help="print one JSON line after generation")
     p.add_argument("--verbose", action="store_true", help="print speeds to stderr")
+    p.add_argument(
+        "--json-schema",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="reply as JSON this schema fits",
+    )
+    p.add_argument(
+        "--grammar", type=Path, default=None, metavar="FILE", help="reply in a Lark or GBNF grammar"
+    )
     add_quiet_option(p)
     add_sampling_options(p)
     add_model_options(p)
@@ -230,7 +241,29 @@ def sampling_params(args: argparse.Namespace) -> Any:
         seed=args.seed,
         max_tokens=args.max_tokens,
         stop=tuple(args.stop),
+        **constraint_options(args),
     )
+
+
+def constraint_options(args: argparse.Namespace) -> dict[str, Any]:
+    """--json-schema / --grammar files as SamplingParams fields."""
+    out: dict[str, Any] = {}
+    for name in ("json_schema", "grammar"):
+        path = getattr(args, name, None)
+        if path is None:
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise LlmappError(f"cannot read {path}: {exc}") from None
+        if name == "json_schema":
+            try:
+                out[name] = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise LlmappError(f"{path} is not JSON: {exc}") from None
+        else:
+            out[name] = text
+    return out
 
 
 def open_engine(path: Path, ctx_size: int, threads: int | None) -> Any:
