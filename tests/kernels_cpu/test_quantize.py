@@ -7,7 +7,7 @@ from types import ModuleType
 
 import numpy as np
 import pytest
-from conftest import load_benchmark
+from bench_loader import load_benchmark
 from gguf import GGMLQuantizationType
 from gguf import quants as oracle
 from hypothesis import given, settings

@@ -13,7 +13,7 @@ from typing import Any
 import gguf
 import numpy as np
 import pytest
-from conftest import load_benchmark
+from bench_loader import load_benchmark
 
 from llmapp.app.cli import main
 from llmapp.runtime.errors import LlmappError

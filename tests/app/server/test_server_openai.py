@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from conftest import Server
+from server_proc import Server
 
 pytestmark = pytest.mark.real_model
 

@@ -12,7 +12,7 @@ from typing import Any
 import jsonschema
 import openai
 import pytest
-from conftest import Server, start_server
+from server_proc import Server, start_server
 
 pytestmark = pytest.mark.real_model
 
