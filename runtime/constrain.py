@@ -14,6 +14,7 @@ of the batch never see it.
 
 from __future__ import annotations
 
+import copy
 import json
 import threading
 import weakref
@@ -46,12 +47,14 @@ class _VocabularyView:
         self.eos_token_id = eog[0] if eog else n - 1
         self.bos_token_id = None
         self.special_token_ids = [i for i in range(n) if tokenizer.is_control(i)]
-        self._tokenizer = tokenizer
+        # llguidance tokenizes pieces of text in the middle of a reply: no space prefix there.
+        self._encoder = copy.copy(tokenizer)
+        self._encoder.add_space_prefix = False
 
     def __call__(self, text: bytes | str) -> list[int]:
         if isinstance(text, bytes):
             text = text.decode("utf-8", "replace")
-        return self._tokenizer.encode(text, add_bos=False, parse_special=False)
+        return self._encoder.encode(text, add_bos=False, parse_special=False)
 
 
 _CACHE: weakref.WeakKeyDictionary[Tokenizer, Any] = weakref.WeakKeyDictionary()
