@@ -4,6 +4,7 @@ streamed in any split) turn into OpenAI tool calls."""
 from __future__ import annotations
 
 import json
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
