@@ -12,6 +12,7 @@ import contextlib
 import re
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 from typing import Any, cast
 
@@ -468,6 +469,7 @@ class ChatApp(App[int]):
         return cast(ChatScreen, self.screen_stack[0])
 
     def on_mount(self) -> None:
+        threading.Thread(target=_warm_up_highlighting, name="warm-up", daemon=True).start()
         theme = self.history_meta("theme")
         if theme in self.available_themes:
             self.theme = theme
@@ -496,6 +498,18 @@ class ChatApp(App[int]):
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.backend.close(), timeout=15)
         self.history.close()
+
+
+def _warm_up_highlighting() -> None:
+    # A code fence in an unknown language makes Pygments load every lexer plugin installed
+    # (IPython's takes a second to import). Done here, at start-up, instead of on the event
+    # loop in the middle of a streaming reply.
+    with contextlib.suppress(Exception):
+        from pygments.lexers import get_lexer_by_name
+        from pygments.util import ClassNotFound
+
+        with contextlib.suppress(ClassNotFound):
+            get_lexer_by_name("llmapp-no-such-language")
 
 
 def status_text(model: str, state: str, reply: Any, stats: BackendStats | None) -> str:
