@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 from typing import Any, cast
 
-from textual import on, work
+from textual import events, on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
@@ -133,7 +133,7 @@ class ChatScreen(Screen[None]):
             self.model_state[model] = "not pulled"
             await self.show_error(f"pull of {model} cancelled (ctrl+o picks another model)")
             return False
-        except Exception as exc:  # noqa: BLE001 - a failed load is shown, never a traceback
+        except Exception as exc:  # a failed load is shown, never as a traceback
             self.model_state[model] = "error"
             await self.show_error(str(exc) if isinstance(exc, LlmappError) else repr(exc))
             return False
@@ -351,7 +351,7 @@ class ChatScreen(Screen[None]):
     def _search_done(self) -> None:
         self.query_one(ConversationList).focus()
 
-    def on_key(self, event: Any) -> None:
+    def on_key(self, event: events.Key) -> None:
         search = self.query_one("#search", Input)
         if event.key == "escape" and search.has_focus:
             event.stop()
@@ -421,7 +421,7 @@ class ChatScreen(Screen[None]):
     def _meta(self, key: str) -> str | None:
         try:
             return self.history.get_meta(key)
-        except (HistoryError, Exception):  # noqa: BLE001 - a missing preference is no error
+        except HistoryError:  # an unreadable preference only means the default
             return None
 
     def _set_meta(self, key: str, value: str) -> None:

@@ -202,7 +202,7 @@ class ModelPicker(ModalScreen[str | None]):
             await self.backend.pull(name, lambda *a: bar.report(f"{name}: {a[0]}", *a[1:]), cancel)
         except PullCancelled:
             error.update(f"pull of {name} cancelled")
-        except Exception as exc:  # noqa: BLE001 - any failure is shown here, not as a traceback
+        except Exception as exc:  # any failure is shown here, not as a traceback
             error.update(f"pull of {name} failed: {exc}")
         else:
             self.dismiss(name)
