@@ -126,24 +126,27 @@ class ChatScreen(Screen[None]):
         if self.backend.is_ready(model):
             return True
         self.model_state[model] = "loading"
+        self.update_status()
         cancel = self._pulls.setdefault(model, Cancel())
+        error: str | None = None
         try:
             await self.backend.load(model, progress=self._pull_progress(model), cancel=cancel)
+            self.model_state[model] = "ready"
+            self._set_meta(self._last_model_key(), model)
         except PullCancelled:
             self.model_state[model] = "not pulled"
-            await self.show_error(f"pull of {model} cancelled (ctrl+o picks another model)")
-            return False
+            error = f"pull of {model} cancelled (ctrl+o picks another model)"
         except Exception as exc:  # a failed load is shown, never as a traceback
             self.model_state[model] = "error"
-            await self.show_error(str(exc) if isinstance(exc, LlmappError) else repr(exc))
-            return False
+            error = str(exc) if isinstance(exc, LlmappError) else repr(exc)
         finally:
             if self._pulls.get(model) is cancel:
                 del self._pulls[model]
             self.query_one(PullBar).display = False
-        self.model_state[model] = "ready"
-        self._set_meta(self._last_model_key(), model)
-        return True
+            self.update_status()
+        if error is not None:
+            await self.show_error(error)
+        return error is None
 
     def _pull_progress(self, model: str) -> Any:
         def report(stage: str, done: int, total: int) -> None:

@@ -240,13 +240,17 @@ class EngineBackend:
         self._active: dict[str, int] = {}  # model -> requests in flight
 
     def is_ready(self, model: str) -> bool:
-        return model in self._engines
+        engine = self._engines.get(model)
+        # An engine whose compute thread died answers every request with an error: load anew.
+        return engine is not None and getattr(engine, "alive", True)
 
     async def load(
         self, model: str, progress: PullProgress | None = None, cancel: Cancel | None = None
     ) -> None:
-        if model in self._engines:
+        if self.is_ready(model):
             return
+        if model in self._engines and model not in self._borrowed:
+            self._engines.pop(model).shutdown()
         task = self._loads.get(model)
         if task is None:
             task = asyncio.ensure_future(self._load(model, progress, cancel))
