@@ -200,7 +200,9 @@ def _needs_pull(model: str) -> bool:
     try:
         store.resolve_model(model, pull=False)
     except ModelNotFoundError:
-        return model in store.catalog()  # unknown names fail later with the store's message
+        # Catalog names, hub references and URLs can be pulled; other names fail later
+        # with the store's own message.
+        return store.is_model_name(model)
     return False
 
 
@@ -313,9 +315,7 @@ class EngineBackend:
         from llmapp.runtime import store
 
         choices = []
-        entries = store.catalog()
         for info in store.list_models(include_all=True):
-            entry = entries[info.name]
             choices.append(
                 ModelChoice(
                     name=info.name,
@@ -324,7 +324,7 @@ class EngineBackend:
                     quant=info.quant,
                     context=_context_length(info.path) if info.pulled else None,
                     loaded=info.name in self._engines,
-                    description=entry.description,
+                    description=info.description,
                 )
             )
         known = {c.name for c in choices}
