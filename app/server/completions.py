@@ -283,11 +283,14 @@ async def _collect(request: Request, choices: list[Choice], streams: list[Reques
 
 
 def _failure(finals: list[Delta | None], pool: ModelPool) -> APIError | None:
+    """The error a reply ended with, if any. No final delta means the client hung up (nobody
+    reads the answer); an abort is the server unloading the model or shutting down."""
     for final in finals:
         if final is None or final.finish_reason == "abort":
             if pool.shutting_down:
                 return APIError(503, "the server is shutting down", code="shutting_down")
-            return APIError(499 if final is None else 503, "the request was aborted")
+            return APIError(503, "the request was aborted: its model was unloaded",
+                            code="aborted", retry_after=1)  # fmt: skip
         if final.finish_reason == "error":
             status = 400 if final.error_code == "invalid_request" else 500
             return APIError(status, final.error or "generation failed", code=final.error_code)
