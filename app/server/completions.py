@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 import uuid
@@ -308,21 +309,23 @@ async def _sse_events(
         first = {"index": 0, "delta": {"role": "assistant", "content": None},
                  "logprobs": None, "finish_reason": None}  # fmt: skip
         yield sse(meta.envelope([first], chunk=True))
-    async for item in with_keepalive(merged(streams)):
-        if item is None:
-            yield b": keep-alive\n\n"
-            continue
-        i, delta = item
-        for choice in choices[i].push(delta):
-            yield sse(meta.envelope([choice], chunk=True))
-        if delta.finish_reason is None:
-            continue
-        problem = _failure([delta], pool)
-        if problem is not None:
-            yield sse(problem.body())  # the stream ends here, after one error event
-            return
-        for choice in choices[i].closing():
-            yield sse(meta.envelope([choice], chunk=True))
+    # Closed on every way out (an error event, a hang-up): the reads still pending go too.
+    async with contextlib.aclosing(with_keepalive(merged(streams))) as items:
+        async for item in items:
+            if item is None:
+                yield b": keep-alive\n\n"
+                continue
+            i, delta = item
+            for choice in choices[i].push(delta):
+                yield sse(meta.envelope([choice], chunk=True))
+            if delta.finish_reason is None:
+                continue
+            problem = _failure([delta], pool)
+            if problem is not None:
+                yield sse(problem.body())  # the stream ends here, after one error event
+                return
+            for choice in choices[i].closing():
+                yield sse(meta.envelope([choice], chunk=True))
     if include_usage:
         usage = sum_usage([c.final.usage for c in choices if c.final])
         yield sse({**meta.envelope([], chunk=True), "usage": usage_json(usage)})

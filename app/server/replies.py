@@ -9,6 +9,7 @@ tokens join to the content.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -242,8 +243,9 @@ async def with_keepalive(
 async def merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Delta]]:
     """(index, delta) from several streams as they arrive; leaving early aborts them all."""
     if len(streams) == 1:
-        async for delta in streams[0]:
-            yield 0, delta
+        async with contextlib.aclosing(streams[0].__aiter__()) as deltas:
+            async for delta in deltas:
+                yield 0, delta
         return
     queue: asyncio.Queue[tuple[int, Delta] | None] = asyncio.Queue()
 
