@@ -15,6 +15,8 @@ EXAMPLES = """\
 examples:
   llmapp serve                                   # the default model on http://127.0.0.1:8080/v1
   llmapp serve qwen2.5-coder:0.5b --port 8081 --api-key secret --ctx-size 8192 --parallel 4
+  llmapp serve smollm2:135m --ray --replicas 2    # two engines on a local Ray, routed by prefix
+  llmapp serve smollm2:135m --ray --ray-address auto --autoscale 1:4 --host 0.0.0.0 --api-key s
 """
 
 
@@ -40,7 +42,38 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--kv-memory", default=None, help="e.g. 512MiB of KV cache per model")
     p.add_argument("--no-pull", action="store_true", help="refuse models not yet pulled")
     p.add_argument("--log-level", default="warning", help="uvicorn's log level")
+    _add_ray_options(p)
     p.set_defaults(handler=cmd_serve)
+
+
+def _add_ray_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group('replicas on Ray Serve (pip install "llmapp[cluster]")')
+    g.add_argument("--ray", action="store_true", help="serve engine replicas on Ray Serve")
+    g.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="ADDR",
+        help="join a cluster (auto or HOST:PORT); default: a local Ray on loopback",
+    )
+    scale = g.add_mutually_exclusive_group()
+    scale.add_argument(
+        "--replicas", type=int, default=None, metavar="N", help="engine replicas (default 1)"
+    )
+    scale.add_argument(
+        "--autoscale",
+        default=None,
+        metavar="MIN:MAX",
+        help="replicas follow the requests in flight, between MIN and MAX",
+    )
+    g.add_argument(
+        "--replica-cpus",
+        type=float,
+        default=1.0,
+        metavar="C",
+        help="CPUs Ray reserves per replica (default 1; threads follow)",
+    )
+    g.add_argument("--ray-routing", choices=["prefix", "random"], default="prefix",
+                   help="prefix (default) or random, a baseline for measurements")  # fmt: skip
 
 
 def _is_loopback(host: str) -> bool:
@@ -94,6 +127,42 @@ def _config(args: argparse.Namespace) -> Any:
     )
 
 
+def _cluster_config(args: argparse.Namespace, config: Any) -> Any:
+    from llmapp.app.server.cluster import (
+        ClusterConfig,
+        parse_autoscale,
+        prepare_ray_environment,
+        require_ray,
+    )
+
+    prepare_ray_environment(args.ray_address)
+    require_ray()
+    # Serve's proxy binds the port itself, later: check that it is free now (0: pick one).
+    sock = _bind(args.host, args.port)
+    port = sock.getsockname()[1]
+    sock.close()
+    try:
+        return ClusterConfig(
+            server=config,
+            address=args.ray_address,
+            replicas=args.replicas or 1,
+            autoscale=parse_autoscale(args.autoscale) if args.autoscale else None,
+            replica_cpus=args.replica_cpus,
+            host=args.host,
+            port=port,
+            routing=args.ray_routing,
+        )
+    except ValueError as exc:
+        raise LlmappError(str(exc)) from None
+
+
+def _serve_on_ray(args: argparse.Namespace, config: Any) -> int:
+    cluster_config = _cluster_config(args, config)
+    from llmapp.app.server.cluster import serve_cluster
+
+    return serve_cluster(cluster_config)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -101,12 +170,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from llmapp.app.server.pool import ModelPool
 
     config = _config(args)
+    ray_only = [o for o, v in (("--ray-address", args.ray_address), ("--replicas", args.replicas),
+                               ("--autoscale", args.autoscale)) if v is not None]  # fmt: skip
+    if ray_only and not args.ray:
+        raise LlmappError(f"{ray_only[0]} needs --ray")
     if not config.api_keys and not _is_loopback(args.host):
         print(
             f"llmapp serve: warning: listening on {args.host} without --api-key: anyone who "
             "can reach this address can use the server",
             file=sys.stderr,
         )
+    if args.ray:
+        return _serve_on_ray(args, config)
     sock = _bind(args.host, args.port)
     port = sock.getsockname()[1]
     pool = ModelPool(config.pool)

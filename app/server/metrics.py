@@ -45,41 +45,51 @@ class PoolCollector(Collector):
         self.pool = pool
 
     def collect(self) -> Iterator[Metric]:
-        snaps = [(self.pool.public_name(m.name), m.engine.metrics_snapshot())
-                 for m in self.pool.loaded()]  # fmt: skip
-        for name, doc, read in _GAUGES:
-            family = GaugeMetricFamily(P + name, doc, labels=["model_name"])
-            for model, snap in snaps:
-                family.add_metric([model], float(read(snap)))
-            yield family
-        for name, doc, read in _COUNTERS:
-            counter = CounterMetricFamily(P + name, doc, labels=["model_name"])
-            for model, snap in snaps:
-                counter.add_metric([model], float(read(snap)))
-            yield counter
-        yield self._successes(snaps)
-        for hist_name in HISTOGRAMS.values():
-            yield self._histogram(hist_name, snaps)
+        rows = [([self.pool.public_name(m.name)], m.engine.metrics_snapshot())
+                for m in self.pool.loaded()]  # fmt: skip
+        yield from snapshot_families(rows, ["model_name"])
 
-    @staticmethod
-    def _successes(snaps: list[tuple[str, dict[str, Any]]]) -> Metric:
-        family = CounterMetricFamily(
-            P + "request_success", "Finished requests by reason.",
-            labels=["model_name", "finished_reason"],
-        )  # fmt: skip
-        for model, snap in snaps:
-            for reason, count in sorted(snap["finished_by_reason"].items()):
-                family.add_metric([model, reason], float(count))
-        return family
 
-    @staticmethod
-    def _histogram(name: str, snaps: list[tuple[str, dict[str, Any]]]) -> Metric:
-        family = HistogramMetricFamily(P + name, name.replace("_", " "), labels=["model_name"])
-        for model, snap in snaps:
-            hist = snap[name]
-            buckets = [(le, float(count)) for le, count in hist["buckets"].items()]
-            family.add_metric([model], buckets, sum_value=hist["sum"])
-        return family
+def snapshot_families(
+    rows: list[tuple[list[str], dict[str, Any]]], label_names: list[str]
+) -> Iterator[Metric]:
+    """Every llmapp:* family from engine snapshots: one series per row of label values
+    (a cluster adds a `replica` label to `model_name`)."""
+    for name, doc, read in _GAUGES:
+        family = GaugeMetricFamily(P + name, doc, labels=label_names)
+        for labels, snap in rows:
+            family.add_metric(labels, float(read(snap)))
+        yield family
+    for name, doc, read in _COUNTERS:
+        counter = CounterMetricFamily(P + name, doc, labels=label_names)
+        for labels, snap in rows:
+            counter.add_metric(labels, float(read(snap)))
+        yield counter
+    yield _successes(rows, label_names)
+    for hist_name in HISTOGRAMS.values():
+        yield _histogram(hist_name, rows, label_names)
+
+
+def _successes(rows: list[tuple[list[str], dict[str, Any]]], label_names: list[str]) -> Metric:
+    family = CounterMetricFamily(
+        P + "request_success", "Finished requests by reason.",
+        labels=[*label_names, "finished_reason"],
+    )  # fmt: skip
+    for labels, snap in rows:
+        for reason, count in sorted(snap["finished_by_reason"].items()):
+            family.add_metric([*labels, reason], float(count))
+    return family
+
+
+def _histogram(
+    name: str, rows: list[tuple[list[str], dict[str, Any]]], label_names: list[str]
+) -> Metric:
+    family = HistogramMetricFamily(P + name, name.replace("_", " "), labels=label_names)
+    for labels, snap in rows:
+        hist = snap[name]
+        buckets = [(le, float(count)) for le, count in hist["buckets"].items()]
+        family.add_metric(labels, buckets, sum_value=hist["sum"])
+    return family
 
 
 def metrics_text(pool: ModelPool) -> tuple[bytes, str]:
