@@ -70,7 +70,10 @@ def _host_has(feature: str) -> bool:
     features = os.environ.get("NUMBA_CPU_FEATURES")
     if features is not None or os.environ.get("NUMBA_CPU_NAME", "host") != "host":
         return f"+{feature}" in (features or "").split(",")
-    return bool(llb.get_host_cpu_features().get(feature, False))
+    try:
+        return bool(llb.get_host_cpu_features().get(feature, False))
+    except RuntimeError:  # LLVM cannot read this host's features (some ARM hosts): none known
+        return False
 
 
 HOST_VNNI = _host_has("avx512vnni")
