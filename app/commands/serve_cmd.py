@@ -135,14 +135,12 @@ def _cluster_config(args: argparse.Namespace, config: Any) -> Any:
         require_ray,
     )
 
-    prepare_ray_environment(args.ray_address)
-    require_ray()
     # Serve's proxy binds the port itself, later: check that it is free now (0: pick one).
     sock = _bind(args.host, args.port)
     port = sock.getsockname()[1]
     sock.close()
     try:
-        return ClusterConfig(
+        cluster = ClusterConfig(
             server=config,
             address=args.ray_address,
             replicas=args.replicas or 1,
@@ -154,6 +152,9 @@ def _cluster_config(args: argparse.Namespace, config: Any) -> Any:
         )
     except ValueError as exc:
         raise LlmappError(str(exc)) from None
+    prepare_ray_environment(args.ray_address)
+    require_ray()
+    return cluster
 
 
 def _serve_on_ray(args: argparse.Namespace, config: Any) -> int:
