@@ -16,7 +16,7 @@ import uuid
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -32,7 +32,14 @@ from llmapp.runtime.kv_cache import KVCacheManager
 from llmapp.runtime.metrics import EngineMetrics
 from llmapp.runtime.model_runner import ModelRunner, RunnerOptions
 from llmapp.runtime.sampling import SamplingParams, StopMatcher, check_finish, make_sampler
-from llmapp.runtime.scheduler import Scheduler, SchedulerConfig, SeqStatus, Sequence
+from llmapp.runtime.scheduler import (
+    ScheduledStep,
+    Scheduler,
+    SchedulerConfig,
+    SeqStatus,
+    Sequence,
+)
+from llmapp.runtime.speculative import DraftBudget, ngram_draft
 from llmapp.runtime.store import entry_for_path, resolve_model
 from llmapp.runtime.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -71,6 +78,8 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
+    drafted_tokens: int = 0  # speculative decoding: tokens drafted, and of those accepted
+    accepted_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -233,6 +242,8 @@ class _RequestState:
     scheduled_at: float = 0.0
     first_token_at: float = 0.0
     last_token_at: float = 0.0
+    budget: DraftBudget | None = None  # with speculative decoding on
+    draft: list[int] = field(default_factory=list)  # draft tokens now at the end of token_ids
 
 
 class Runner(Protocol):
@@ -257,10 +268,13 @@ class EngineOptions:
     enable_prefix_cache: bool = True
     max_waiting: int = 256  # requests submitted but not yet running; beyond it QueueFullError
     max_model_len: int | None = None  # longest context of one request (None: pool and model)
+    speculative_tokens: int = 0  # n-gram drafts verified per step, at most (0: off)
 
     def __post_init__(self) -> None:
         if self.max_waiting < 1:
             raise ValueError("max_waiting must be at least 1")
+        if not 0 <= self.speculative_tokens <= 32:
+            raise ValueError("speculative_tokens must be in [0, 32]")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError("max_model_len must be at least 2 tokens")
 
@@ -606,6 +620,8 @@ class Engine:
             stops=StopMatcher(tuple(dict.fromkeys((*params.stop, *self.default_stops)))),
             arrived=arrived,
         )
+        if self.options.speculative_tokens:
+            seq.payload.budget = DraftBudget(self.options.speculative_tokens)
         channel.seq = seq
         self.scheduler.add(seq)
         self.metrics.requests_received += 1
@@ -616,11 +632,15 @@ class Engine:
         A failure is contained where it happens: in the forward pass it ends the sequences of
         that batch, in one sequence's sampling or text handling it ends that sequence alone.
         """
+        if self.options.speculative_tokens:
+            self._propose_drafts()
         try:
             scheduled = self.scheduler.schedule()
         except Exception as exc:  # the scheduler's state cannot be trusted: end everything
             self._fail(list(self.scheduler.running) + list(self.scheduler.waiting), exc)
             return 0
+        if self.options.speculative_tokens:
+            self._fit_drafts(scheduled)
         self.metrics.preemptions += len(scheduled.preempted)
         if not scheduled.seqs:
             return 0
@@ -648,8 +668,9 @@ class Engine:
         entries = []
         for seq, n in zip(seqs, counts, strict=True):
             reaches_end = seq.num_computed + n == len(seq.token_ids)
+            rows = 1 + len(seq.payload.draft) if reaches_end else 0  # a row per draft too
             ids = seq.token_ids[: seq.num_computed + n]
-            entries.append((ids, seq.num_computed, seq.blocks.block_table, int(reaches_end)))
+            entries.append((ids, seq.num_computed, seq.blocks.block_table, rows))
         return build_batch(entries, self.runner.block_size)
 
     def _update(self, seqs: list[Sequence], counts: list[int], logits: np.ndarray) -> None:
@@ -658,15 +679,74 @@ class Engine:
         for seq, n in zip(seqs, counts, strict=True):
             seq.num_computed += n
             wants_token = seq.num_computed >= len(seq.token_ids)
+            n_rows = 1 + len(seq.payload.draft) if wants_token else 0
             try:
-                self.kv.publish_full_blocks(seq.blocks, seq.token_ids, seq.num_computed)
-                if wants_token:  # else a prompt chunk: no token yet
-                    self._accept_token(seq, logits[row], now)
+                if seq.payload.draft:
+                    self._verify(seq, logits[row : row + n_rows], now)
+                else:
+                    self.kv.publish_full_blocks(seq.blocks, seq.token_ids, seq.num_computed)
+                    if wants_token:  # else a prompt chunk: no token yet
+                        self._accept_token(seq, logits[row], now)
             except Exception as exc:
                 self._fail([seq], exc)
-            row += int(wants_token)
+            row += n_rows
 
-    def _accept_token(self, seq: Sequence, logits: np.ndarray, now: float) -> None:
+    # ---- speculative decoding (runtime/speculative.py) -------------------------------------
+
+    def _propose_drafts(self) -> None:
+        """Append n-gram drafts to each decoding sequence; the step verifies them."""
+        for seq in self.scheduler.running:
+            state: _RequestState = seq.payload
+            if state.budget is None or seq.num_pending != 1:
+                continue
+            room = self.max_model_len - len(seq.token_ids) - 1
+            if state.params.max_tokens is not None:
+                room = min(room, state.params.max_tokens - seq.num_generated - 1)
+            k = min(state.budget.next_k(), room)
+            state.draft = ngram_draft(seq.token_ids, k) if k > 0 else []
+            seq.token_ids.extend(state.draft)
+
+    def _fit_drafts(self, step: ScheduledStep) -> None:
+        """Drop the drafts a step will not verify: of sequences left out or preempted, and
+        beyond a sequence's share of the token budget."""
+        scheduled = dict(zip(map(id, step.seqs), step.num_tokens, strict=True))
+        for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+            state: _RequestState = seq.payload
+            if not state.draft:
+                continue
+            n = scheduled.get(id(seq), 0)
+            keep = max(0, n - 1) if seq.status is SeqStatus.RUNNING else 0
+            drop = len(state.draft) - min(keep, len(state.draft))
+            if drop:
+                del seq.token_ids[len(seq.token_ids) - drop :]
+                state.draft = state.draft[: len(state.draft) - drop]
+
+    def _verify(self, seq: Sequence, rows: np.ndarray, now: float) -> None:
+        """Sample position by position while the samples equal the draft.
+
+        Each sampled token is drawn exactly as in plain decoding; a draft token that matches
+        was already fed at its position, so its K/V is valid and the next row's logits too.
+        """
+        state: _RequestState = seq.payload
+        draft, state.draft = state.draft, []
+        del seq.token_ids[len(seq.token_ids) - len(draft) :]
+        seq.num_computed = len(seq.token_ids)  # the pending token's K/V is in the cache now
+        accepted = 0
+        for i, row in enumerate(rows):
+            self.kv.publish_full_blocks(seq.blocks, seq.token_ids, seq.num_computed)
+            if self._accept_token(seq, row, now) or i == len(draft):
+                break
+            if seq.token_ids[-1] != draft[i]:
+                break
+            seq.num_computed += 1
+            accepted += 1
+        assert state.budget is not None
+        state.budget.record(len(draft), accepted)
+        self.metrics.spec_drafted += len(draft)
+        self.metrics.spec_accepted += accepted
+
+    def _accept_token(self, seq: Sequence, logits: np.ndarray, now: float) -> bool:
+        """Sample, emit and check the end of one token; True when the request finished."""
         state: _RequestState = seq.payload
         result = state.sampler.sample(logits, seq.token_ids, seq.num_prompt_tokens)
         token = int(result.token)
@@ -699,6 +779,7 @@ class Engine:
             reason = "abort"  # the caller's event loop is closed: nobody reads on
         if reason is not None:
             self._finish(seq, reason)
+        return reason is not None
 
     def _fail(self, seqs: list[Sequence], exc: BaseException) -> None:
         message, code = _describe(exc)
@@ -710,13 +791,23 @@ class Engine:
         self, seq: Sequence, reason: str, error: str | None = None, code: str | None = None
     ) -> None:
         state: _RequestState = seq.payload
+        if state.draft:  # a step that failed between drafting and verifying
+            del seq.token_ids[len(seq.token_ids) - len(state.draft) :]
+            state.draft = []
         self.metrics.record_finish(reason, seq.num_prompt_tokens)  # before the blocks go
         self.scheduler.finish(seq)
         timings = self._timings(state)
         if state.first_token_at:
             self.metrics.observe("decode", timings.decode_ms / 1000)
         self.metrics.observe("e2e", time.perf_counter() - state.arrived)
-        usage = Usage(seq.num_prompt_tokens, seq.num_generated, seq.num_cached_prompt)
+        budget = state.budget
+        usage = Usage(
+            seq.num_prompt_tokens,
+            seq.num_generated,
+            seq.num_cached_prompt,
+            budget.drafted if budget else 0,
+            budget.accepted if budget else 0,
+        )
         self._release(state.channel)
         state.channel.end(Delta("", (), (), reason, usage, timings, error, code))
 

@@ -77,6 +77,8 @@ class EngineMetrics:
     prompt_tokens: int = 0  # prompt tokens of finished requests
     steps: int = 0
     preemptions: int = 0
+    spec_drafted: int = 0  # speculative decoding: draft tokens verified, and accepted
+    spec_accepted: int = 0
     finished_by_reason: Counter[str] = field(default_factory=Counter)
     histograms: dict[str, Histogram] = field(
         default_factory=lambda: {name: Histogram() for name in HISTOGRAMS}
@@ -110,6 +112,8 @@ class EngineMetrics:
                 "prompt_tokens": self.prompt_tokens,
                 "steps": self.steps,
                 "preemptions": self.preemptions,
+                "spec_decode_num_draft_tokens": self.spec_drafted,
+                "spec_decode_num_accepted_tokens": self.spec_accepted,
             }
             for short, name in HISTOGRAMS.items():
                 out[name] = self.histograms[short].as_dict()

@@ -113,7 +113,13 @@ def script_next(token: int, position: int, n_vocab: int) -> int:
 
 
 class ScriptedRunner:
-    """Known logits for a tiny chat model file: exact, batch-independent, instant."""
+    """Known logits for a tiny chat model file: exact, batch-independent, instant.
+
+    `period` > 0 scripts a model that repeats itself: after token t comes the next of a cycle
+    of `period` plain pieces, whatever the position (what n-gram drafts can predict).
+    """
+
+    period = 0
 
     def __init__(self, path: Path, options: RunnerOptions) -> None:
         from llmapp.runtime.config import load_config
@@ -132,7 +138,17 @@ class ScriptedRunner:
         self.forward_calls += 1
         rows = batch.logits_rows
         logits = np.zeros((len(rows), self.n_vocab), dtype=np.float32)
+        first = len(SPECIALS) + 256
         for i, row in enumerate(rows):
             token, pos = int(batch.token_ids[row]), int(batch.positions[row])
-            logits[i, script_next(token, pos, self.n_vocab)] = 10.0
+            if self.period:
+                nxt = first + (max(token - first, 0) + 1) % self.period
+            else:
+                nxt = script_next(token, pos, self.n_vocab)
+            logits[i, nxt] = 10.0
+            logits[i, first : first + 40] += np.linspace(0, 1, 40, dtype=np.float32)
         return logits
+
+
+class CyclingRunner(ScriptedRunner):
+    period = 7
