@@ -35,8 +35,13 @@ def by_domain(users):
     return out
 """
 BUGGY = CODE.replace('u["age"] >= 18', 'u["age"] > 18').replace('split("@")[1]', 'split("@")[0]')
-DATA = {"name": "llmapp", "version": "0.1.0", "features": ["server", "chat", "pull"],
-        "limits": {"ctx": 8192, "parallel": 4}, "authors": [{"name": "A", "role": "dev"}]}  # fmt: skip
+DATA = {
+    "name": "llmapp",
+    "version": "0.1.0",
+    "features": ["server", "chat", "pull"],
+    "limits": {"ctx": 8192, "parallel": 4},
+    "authors": [{"name": "A", "role": "dev"}],
+}
 
 TASKS = {
     "type hints": "Add type hints and docstrings to this code. Reply with the full code only."
