@@ -1,0 +1,79 @@
+"""kernels_gpu dequantization against gguf-py's, bit for bit, for every type the CPU path runs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import gguf  # noqa: E402
+from gguf.quants import dequantize as gguf_dequantize  # noqa: E402
+
+from llmapp.kernels_gpu import ops, quants  # noqa: E402
+
+# byte ranges of each block's f16 scale fields: filled with finite values so the comparison
+# is bitwise and never meets NaN payloads
+F16_FIELDS = {
+    quants.Q4_0: [(0, 2)],
+    quants.Q4_1: [(0, 4)],
+    quants.Q5_0: [(0, 2)],
+    quants.Q5_1: [(0, 4)],
+    quants.Q8_0: [(0, 2)],
+    quants.IQ4_NL: [(0, 2)],
+    quants.Q2_K: [(80, 84)],
+    quants.Q3_K: [(108, 110)],
+    quants.Q4_K: [(0, 4)],
+    quants.Q5_K: [(0, 4)],
+    quants.Q6_K: [(208, 210)],
+}
+ROW_LEN = 512
+N_ROWS = 6
+
+
+def random_rows(ggml_type: int, rng: np.random.Generator) -> np.ndarray:
+    """uint8 [N_ROWS, row_bytes] of random blocks with sane scales."""
+    values = rng.standard_normal((N_ROWS, ROW_LEN)).astype(np.float32)
+    if ggml_type == quants.F32:
+        return values.view(np.uint8)
+    if ggml_type == quants.F16:
+        return values.astype(np.float16).view(np.uint8)
+    if ggml_type == quants.BF16:
+        return (values.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)
+    block, nbytes = quants.TRAITS[ggml_type]
+    raw = rng.integers(0, 256, (N_ROWS, ROW_LEN // block, nbytes), dtype=np.uint8)
+    for lo, hi in F16_FIELDS[ggml_type]:
+        scales = rng.standard_normal((N_ROWS, ROW_LEN // block, (hi - lo) // 2)) * 0.01
+        raw[:, :, lo:hi] = scales.astype(np.float16).view(np.uint8)
+    return raw.reshape(N_ROWS, -1)
+
+
+@pytest.mark.parametrize("ggml_type", sorted(quants.TRAITS))
+def test_dequantize_is_bit_exact(ggml_type: int) -> None:
+    raw = random_rows(ggml_type, np.random.default_rng(ggml_type))
+    want = gguf_dequantize(raw, gguf.GGMLQuantizationType(ggml_type))
+    got = quants.dequantize(torch.from_numpy(raw), ggml_type, ROW_LEN).numpy()
+    assert got.shape == (N_ROWS, ROW_LEN)
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+def test_every_cpu_type_is_covered() -> None:
+    from llmapp.kernels_cpu import quants as cpu_quants
+
+    assert set(cpu_quants.supported_types()) <= set(quants.supported_types())
+
+
+@pytest.mark.parametrize("ggml_type", [quants.Q4_K, quants.Q8_0, quants.F16])
+def test_matmul_tiles_match_one_gemm(ggml_type: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    raw = random_rows(ggml_type, np.random.default_rng(1))
+    w = ops.pack(torch.from_numpy(raw), ggml_type, ROW_LEN)
+    x = torch.from_numpy(np.random.default_rng(2).standard_normal((3, ROW_LEN)).astype(np.float32))
+    dense = quants.dequantize(w.data, ggml_type, ROW_LEN)
+    monkeypatch.setattr(ops, "CPU_TILE_ELEMENTS", 1 << 20)
+    whole = ops.matmul(x, w)
+    monkeypatch.setattr(ops, "CPU_TILE_ELEMENTS", 2 * ROW_LEN)  # two rows per tile
+    tiled = ops.matmul(x, w)
+    assert whole.shape == (3, N_ROWS)
+    # a different GEMM shape may sum in another order: float32 rounding apart
+    torch.testing.assert_close(whole, x @ dense.T, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(tiled, whole, rtol=1e-5, atol=1e-4)
