@@ -37,6 +37,10 @@ _COUNTERS = [
      lambda s: s["prefix_cache"]["query_tokens"]),
     ("prefix_cache_hits", "Prompt tokens found in the prefix cache.",
      lambda s: s["prefix_cache"]["hit_tokens"]),
+    ("spec_decode_num_draft_tokens", "Speculative draft tokens verified.",
+     lambda s: s["spec_decode_num_draft_tokens"]),
+    ("spec_decode_num_accepted_tokens", "Speculative draft tokens accepted.",
+     lambda s: s["spec_decode_num_accepted_tokens"]),
 ]  # fmt: skip
 
 
