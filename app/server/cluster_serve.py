@@ -21,6 +21,7 @@ import dataclasses
 import logging
 import math
 import os
+import re
 import signal
 import socket
 import sys
@@ -226,6 +227,7 @@ class Ingress:
         self.config = config
         self.names = ModelPool(config.server.pool)  # names only: this pool never loads
         self.engines = engines  # pool key -> handle of that model's replicas
+        self._streaming = {key: handle.options(stream=True) for key, handle in engines.items()}
         self.started = int(time.time())
         self._text: dict[str, tuple[Any, Any] | None] = {}
         self._text_lock = threading.Lock()
@@ -302,7 +304,7 @@ class Ingress:
         )
         stream = None
         try:
-            stream = self.engines[key].options(stream=True).forward.remote(forwarded)
+            stream = self._streaming[key].forward.remote(forwarded)
             head = await stream.__anext__()
         except BackPressureError:
             _cancel(stream)
@@ -605,7 +607,17 @@ def _connect(config: ClusterConfig) -> bool:
     return True
 
 
+def _check_model(config: ClusterConfig) -> None:
+    """Find (or pull) the model here first: a wrong name is one line, not a failed deployment
+    after Ray has started. This node hosts the ingress, which reads the tokenizer from it."""
+    pool = config.server.pool
+    key = ModelPool(pool).default_key
+    if not Path(key).is_absolute():
+        model_store.resolve_model(key, pull=pool.allow_pull)
+
+
 def run(config: ClusterConfig) -> int:
+    _check_model(config)
     started_ray = _connect(config)
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
     try:
@@ -614,7 +626,8 @@ def run(config: ClusterConfig) -> int:
         )
         shown = f"[{config.host}]" if ":" in config.host else config.host
         pool = config.server.pool
-        replicas = (f"{config.replicas} replicas" if config.autoscale is None
+        replicas = (f"{config.replicas} replica{'s' if config.replicas > 1 else ''}"
+                    if config.autoscale is None
                     else "{}-{} replicas".format(*config.autoscale))  # fmt: skip
         print(
             f"llmapp serve: http://{shown}:{config.port}/v1 (model {pool.default_model}, "
@@ -624,7 +637,8 @@ def run(config: ClusterConfig) -> int:
         try:
             serve.run(build_app(config), name=config.app_name, route_prefix="/")
         except RuntimeError as exc:
-            raise LlmappError(f"the deployment failed: {_reason(exc)}") from None
+            cause = _failure(config) or _reason(exc)
+            raise LlmappError(f"the deployment failed: {cause}") from None
         print("llmapp serve: ready", file=sys.stderr, flush=True)
         _wait_for_stop()
     except KeyboardInterrupt:
@@ -632,6 +646,20 @@ def run(config: ClusterConfig) -> int:
     finally:
         _teardown(config, started_ray)
     return 0
+
+
+def _failure(config: ClusterConfig) -> str | None:
+    """Why Serve gave up on the deployment: the last line of the first failed replica's
+    error (its constructor's exception), as Serve's status reports it."""
+    try:
+        app = serve.status().applications.get(config.app_name)
+    except Exception:  # the status is a courtesy; the caller has the plain error
+        return None
+    for deployment in app.deployments.values() if app is not None else ():
+        lines = [line.strip() for line in (deployment.message or "").splitlines() if line.strip()]
+        if lines:  # "package.module.SomeError: message" -> "message"
+            return re.sub(r"^[\w.]+(Error|Exception): ", "", lines[-1])
+    return None
 
 
 def _wait_for_stop() -> None:
