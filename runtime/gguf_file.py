@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import mmap
 import os
+import re
 import struct
 from array import array
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import IntEnum
 from pathlib import Path
 from types import MappingProxyType, TracebackType
@@ -28,6 +29,9 @@ from .ggml_types import TYPE_TRAITS, type_name
 
 if TYPE_CHECKING:
     import numpy as np
+
+# The files of a split model: NAME-00001-of-00003.gguf, ...
+_SHARD_RE = re.compile(r"(.+)-(\d{5})-of-(\d{5})\.gguf")
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -101,6 +105,7 @@ class TensorInfo:
     ggml_type: int
     offset: int  # absolute byte offset in the file
     n_bytes: int
+    shard: int = 0  # which file of a split model holds it (0: the first, or the only one)
 
     @property
     def n_elements(self) -> int:
@@ -313,15 +318,18 @@ class GGUFFile:
     (name -> TensorInfo, in file order).
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, _shard_of: int | None = None) -> None:
         self.path = Path(path)
         self._mm = self._map(self.path)
         self._closed = False
         self.file_size = len(self._mm)
+        self._shards: list[GGUFFile] = []  # the other files of a split model
         try:
             self._parse()
+            if _shard_of is None:
+                self._open_shards()
         except BaseException:
-            self._mm.close()
+            self.close()
             raise
 
     # -- opening ---------------------------------------------------------------------------
@@ -486,6 +494,42 @@ class GGUFFile:
             if start < end:
                 raise GGUFError(self.path, f"tensors {_q(name)} and {_q(next_name)} overlap")
 
+    # -- split models ----------------------------------------------------------------------
+
+    def _open_shards(self) -> None:
+        """A split model (`NAME-00001-of-00003.gguf`, llama.cpp's gguf-split): the first file
+        holds the metadata; every file holds some tensors. They are opened together and their
+        tensors listed as one model, each remembering its file."""
+        count = self._metadata.get("split.count", 1)
+        if not isinstance(count, int) or count <= 1:
+            return
+        if self._metadata.get("split.no", 0) != 0:
+            raise GGUFError(self.path, "is not the first file of a split model (split.no != 0)")
+        match = _SHARD_RE.fullmatch(self.path.name)
+        if match is None or int(match.group(3)) != count:
+            raise GGUFError(self.path, f"a split model of {count} files needs the name "
+                            f"PREFIX-00001-of-{count:05d}.gguf")  # fmt: skip
+        for no in range(1, count):
+            sibling = self.path.with_name(f"{match.group(1)}-{no + 1:05d}-of-{count:05d}.gguf")
+            shard = GGUFFile(sibling, _shard_of=no)
+            self._shards.append(shard)
+            if shard.get("split.no") != no:
+                raise GGUFError(sibling, f"split.no is {shard.get('split.no')}, expected {no}")
+            for name, info in shard.tensors.items():
+                if name in self.tensors:
+                    raise GGUFError(sibling, f"duplicate tensor {_q(name)}")
+                self.tensors[name] = replace(info, shard=no)
+        expected = self._metadata.get("split.tensors.count")
+        if isinstance(expected, int) and expected != len(self.tensors):
+            raise GGUFError(
+                self.path, f"the split model has {len(self.tensors)} tensors, expected {expected}"
+            )
+
+    @property
+    def files(self) -> list[Path]:
+        """Every file of the model, in order (one, unless it is split)."""
+        return [self.path, *(shard.path for shard in self._shards)]
+
     # -- access ----------------------------------------------------------------------------
 
     def _buffer(self) -> mmap.mmap:
@@ -529,7 +573,11 @@ class GGUFFile:
         info = self.tensor_info(name)
         import numpy as np
 
-        flat = np.frombuffer(self._buffer(), dtype=np.uint8, count=info.n_bytes, offset=info.offset)
+        self._buffer()  # raises once the model is closed
+        owner = self._shards[info.shard - 1] if info.shard else self
+        flat = np.frombuffer(
+            owner._buffer(), dtype=np.uint8, count=info.n_bytes, offset=info.offset
+        )
         return flat.reshape(info.n_rows, info.n_bytes // info.n_rows)
 
     def release_pages(self) -> None:
@@ -540,6 +588,8 @@ class GGUFFile:
         """
         if not self._closed and hasattr(mmap, "MADV_DONTNEED"):
             self._mm.madvise(mmap.MADV_DONTNEED)
+            for shard in self._shards:
+                shard.release_pages()
 
     # -- lifetime --------------------------------------------------------------------------
 
@@ -548,6 +598,8 @@ class GGUFFile:
         if self._closed:
             return
         self._closed = True
+        for shard in self._shards:
+            shard.close()
         try:
             self._mm.close()
         except BufferError:

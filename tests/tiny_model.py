@@ -47,9 +47,12 @@ def vocabulary() -> tuple[list[str], list[float], list[int]]:
     return tokens, scores, types
 
 
-def write_chat_model(path: Path, n_layer: int = 2, n_embd: int = 64, n_ff: int = 128) -> Path:
+def write_chat_model(
+    path: Path, n_layer: int = 2, n_embd: int = 64, n_ff: int = 128, split_max_tensors: int = 0
+) -> Path:
+    """The model file (with split_max_tensors, the first of its NAME-0000k-of-0000N files)."""
     tokens, scores, types = vocabulary()
-    w = gguf.GGUFWriter(path, "llama")
+    w = gguf.GGUFWriter(path, "llama", split_max_tensors=split_max_tensors)
     for key, value, vtype in [
         ("general.name", "Tiny Chat", VT.STRING),
         ("llama.block_count", n_layer, VT.UINT32),
@@ -103,7 +106,8 @@ def write_chat_model(path: Path, n_layer: int = 2, n_embd: int = 64, n_ff: int =
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    return path
+    shards = sorted(path.parent.glob(f"{path.stem}-*-of-*.gguf"))
+    return shards[0] if split_max_tensors and shards else path
 
 
 def script_next(token: int, position: int, n_vocab: int) -> int:
