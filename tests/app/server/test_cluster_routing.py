@@ -225,16 +225,13 @@ def test_parse_autoscale_and_names() -> None:
 
 
 def snapshot(running: int, hits: int) -> dict[str, object]:
-    hist = {"buckets": {"0.1": 1, "+Inf": 2}, "count": 2, "sum": 0.5}
-    return {
-        "running": running, "waiting": 0, "kv_usage_percent": 10.0,
-        "prefix_cache": {"query_tokens": 100, "hit_tokens": hits},
-        "prompt_tokens": 100, "tokens_generated": 20, "preemptions": 0,
-        "finished_by_reason": {"stop": 2},
-        **{name: hist for name in ("time_to_first_token_seconds", "inter_token_latency_seconds",
-           "e2e_request_latency_seconds", "request_queue_time_seconds",
-           "request_prefill_time_seconds", "request_decode_time_seconds")},
-    }  # fmt: skip
+    """An engine's metrics snapshot, as a replica reports it."""
+    from llmapp.runtime.metrics import EngineMetrics
+
+    prefix = {"queries": 1, "query_tokens": 100, "hit_tokens": hits, "cached_blocks": 4}
+    snap = EngineMetrics().snapshot(running=running, waiting=0, kv_usage=0.1, prefix=prefix)
+    snap["finished_by_reason"] = {"stop": 2}
+    return snap
 
 
 def test_cluster_metrics_label_each_replica() -> None:
