@@ -508,3 +508,22 @@ def test_a_mirror_without_ranges_still_serves_large_files(homes: Homes, fake: Fa
     got = store.pull_model(f"hf.co/{REPO}:Q8_0", options=options)
     assert got.paths[0].read_bytes() == model_bytes(1)
     assert len(fake.body_requests()) == 1  # one whole-file request, not four parts
+
+
+def test_a_split_model_pulled_from_the_hub_runs(
+    homes: Homes, fake: FakeHub, tmp_path: Path
+) -> None:
+    from tiny_model import write_chat_model
+
+    from llmapp.runtime import Engine, EngineOptions, RunnerOptions, SamplingParams
+
+    first = write_chat_model(tmp_path / "Tiny-F32.gguf", split_max_tensors=8)
+    files = {p.name: p.read_bytes() for p in sorted(tmp_path.glob("Tiny-F32-*-of-*.gguf"))}
+    fake.add_repo("someone/Tiny-GGUF", files)
+    name = "hf.co/someone/Tiny-GGUF:F32"
+    pulled = store.resolve_model(name)
+    assert pulled.name == first.name and len(store.model_files(name)) == len(files) > 1
+    opts = EngineOptions(runner=RunnerOptions(ctx_size=256, n_threads=1))
+    with Engine(name, opts) as engine:
+        _, ids, last = engine.generate("hello", SamplingParams(temperature=0, max_tokens=4))
+    assert len(ids) == 4 and last.finish_reason == "length"
