@@ -9,8 +9,9 @@ history and the new question, so prompts share prefixes across clients (the docu
 across turns (the history). Runs, each a fresh `llmapp serve` on loopback:
 
     single     plain `llmapp serve` (no Ray), the hops' baseline
-    1 replica  --ray --replicas 1, with all clients, and with half of them (the load one
-               replica carries when two share the clients: the paper estimate's input)
+    1 replica  --ray --replicas 1, with all clients, a half and a quarter of them (the load
+               one replica carries when two or four share the clients: the inputs of a paper
+               estimate for replicas on machines of their own)
     2 / prefix --ray --replicas 2, routed by prefix
     2 / random --ray --replicas 2 --ray-routing random
 
@@ -257,11 +258,10 @@ def main() -> None:
     p.add_argument("--parallel", type=int, default=8, help="KV cache per replica, in contexts")
     p.add_argument("--json", action="store_true")
     opts = p.parse_args()
-    half = max(1, opts.clients // 2)
+    shares = [opts.clients] + [n for n in (opts.clients // 2, opts.clients // 4) if n >= 1]
     runs: list[Run] = []
     runs += measure(opts.model, "single (no Ray)", [], [opts.clients], opts)
-    runs += measure(opts.model, "1 replica", ["--ray", "--replicas", "1"],
-                    [opts.clients, half], opts)  # fmt: skip
+    runs += measure(opts.model, "1 replica", ["--ray", "--replicas", "1"], shares, opts)
     runs += measure(opts.model, "2 replicas, prefix", ["--ray", "--replicas", "2"],
                     [opts.clients], opts)  # fmt: skip
     runs += measure(opts.model, "2 replicas, random",
