@@ -6,6 +6,7 @@ scheduler's business, and which blocks they own is the KV cache manager's.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,12 +15,22 @@ from typing import Any
 
 import numpy as np
 
-from llmapp.runtime.backend import Backend, make_backend
+from llmapp.runtime import placement
+from llmapp.runtime.backend import (
+    Backend,
+    LayerBackends,
+    TorchBackend,
+    find_offload_device,
+    make_backend,
+)
 from llmapp.runtime.batch import ForwardBatch
 from llmapp.runtime.config import ModelConfig, load_config
 from llmapp.runtime.gguf_file import GGUFFile
 from llmapp.runtime.models import ARCHITECTURES
+from llmapp.runtime.placement import NGpuLayers, OffloadInfo
 from llmapp.runtime.weights import Weights, load_weights
+
+log = logging.getLogger("llmapp.runtime")
 
 
 @dataclass(frozen=True)
@@ -28,10 +39,15 @@ class RunnerOptions:
     block_size: int = 16
     n_threads: int | None = None
     backend: str = "cpu"
+    n_gpu_layers: NGpuLayers = 0  # slots on the offload device: a count, "auto" or "all"
+    gpu_margin: int = placement.DEFAULT_MARGIN  # bytes `auto` leaves free on the device
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.ctx_size < self.block_size:
             raise ValueError("ctx_size must be at least one block")
+        ngl = self.n_gpu_layers
+        if not (ngl in ("auto", "all") or (type(ngl) is int and ngl >= 0)):
+            raise ValueError(f"n_gpu_layers must be >= 0, 'auto' or 'all', not {ngl!r}")
 
 
 class ModelRunner:
@@ -42,24 +58,59 @@ class ModelRunner:
         self.config: ModelConfig = load_config(self.gguf)
         self.arch: ModuleType = ARCHITECTURES[self.config.arch]
         self.backend: Backend = make_backend(self.options.backend, self.options.n_threads)
-        self.weights: Weights = load_weights(self.gguf, self.config, self.backend)
-        self.gguf.release_pages()  # the packed copies are what the kernels read from now on
         self.block_size = self.options.block_size
         self.num_blocks = -(-self.options.ctx_size // self.block_size)
+        self.offload: OffloadInfo | None = None
+        self.backends = self._place()
+        self.weights: Weights = load_weights(
+            self.gguf, self.config, self.backend, self.backends.layers, self.backends.head
+        )
+        self.gguf.release_pages()  # the packed copies are what the kernels read from now on
         cfg = self.config
         self.kv_layers: list[Any] = [
-            self.backend.alloc_kv(self.num_blocks, self.block_size, cfg.n_head_kv, cfg.head_dim)
-            for _ in range(cfg.n_layer)
+            be.alloc_kv(self.num_blocks, self.block_size, cfg.n_head_kv, cfg.head_dim)
+            for be in self.backends.layers
         ]
         self.load_seconds = time.perf_counter() - start
 
+    def _place(self) -> LayerBackends:
+        """Each layer's backend from --n-gpu-layers (runtime/placement.py has the rules)."""
+        cfg, request = self.config, self.options.n_gpu_layers
+        n_layer = cfg.n_layer
+        on_cpu = LayerBackends(self.backend, [self.backend] * n_layer, self.backend)
+        try:
+            device = find_offload_device(request != 0)
+        except placement.PlacementError:
+            if request != "auto":
+                raise
+            log.warning("auto offload: PyTorch is not installed, running on the CPU")
+            return on_cpu
+        if device.warning:
+            log.warning(device.warning)
+        if device.name is None:
+            return on_cpu
+        costs = placement.layer_costs(self.gguf, cfg, self.num_blocks, self.block_size)
+        slots = placement.resolve_slots(request, costs, device.free_bytes, self.options.gpu_margin)
+        if slots == 0:
+            return on_cpu
+        gpu = TorchBackend(device.name, self.options.n_threads)
+        head, layers = placement.split_slots(n_layer, slots)
+        weight_bytes, kv_bytes = costs.slot_bytes(slots)
+        self.offload = OffloadInfo(device.name, slots, n_layer + 1, weight_bytes, kv_bytes)
+        return LayerBackends(
+            self.backend,
+            [gpu if on else self.backend for on in layers],
+            gpu if head else self.backend,
+        )
+
     def bind_thread(self) -> None:
         """Make the calling thread (the compute thread) run kernels with our thread count."""
-        self.backend.bind_thread()
+        for be in self.backends.distinct:
+            be.bind_thread()
 
     def forward(self, batch: ForwardBatch) -> np.ndarray:
         """Logits [len(batch.logits_rows), n_vocab], float32."""
-        return self.arch.forward(self.config, self.weights, batch, self.kv_layers, self.backend)
+        return self.arch.forward(self.config, self.weights, batch, self.kv_layers, self.backends)
 
     @property
     def kv_bytes(self) -> int:

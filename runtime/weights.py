@@ -30,7 +30,7 @@ class RawRows:
 @dataclass
 class Weights:
     token_embd: RawRows
-    output_norm: np.ndarray  # float32 [n_embd]
+    output_norm: Any  # float32 [n_embd], on the head's backend
     output: Any  # packed [n_vocab, n_embd]
     layers: list[dict[str, Any]] = field(default_factory=list)
 
@@ -55,20 +55,29 @@ def pack_matrix(gguf: GGUFFile, name: str, backend: Backend) -> Any:
     return backend.pack(rows.data, rows.ggml_type, rows.row_len)
 
 
-def load_weights(gguf: GGUFFile, cfg: ModelConfig, backend: Backend) -> Weights:
+def load_weights(
+    gguf: GGUFFile,
+    cfg: ModelConfig,
+    backend: Backend,
+    layer_backends: list[Backend] | None = None,
+    head_backend: Backend | None = None,
+) -> Weights:
     """Read every tensor the architecture uses: blk.N.* into per-layer dicts by short name.
 
     Per layer, 'attn_q' is the attn_q.weight matrix, 'attn_q.bias' its bias, 'attn_norm' the
     norm vector: 2-D tensors are packed, 1-D ones become float32 vectors. Matrices that read
-    the same input are packed as one where the backend can (FUSIONS).
+    the same input are packed as one where the backend can (FUSIONS). Each layer (and the
+    head) is packed by the backend that runs it (`backend` wherever none is given).
     """
     head = "token_embd.weight" if cfg.tied_embeddings else "output.weight"
+    head_be = head_backend or backend
     weights = Weights(
         token_embd=raw_rows(gguf, "token_embd.weight"),
-        output_norm=read_vector(gguf, "output_norm.weight"),
-        output=pack_matrix(gguf, head, backend),
+        output_norm=head_be.vector(read_vector(gguf, "output_norm.weight")),
+        output=pack_matrix(gguf, head, head_be),
     )
     for il in range(cfg.n_layer):
+        layer_be = layer_backends[il] if layer_backends is not None else backend
         prefix = f"blk.{il}."
         layer: dict[str, Any] = {}
         matrices: dict[str, RawRows] = {}
@@ -80,7 +89,7 @@ def load_weights(gguf: GGUFFile, cfg: ModelConfig, backend: Backend) -> Weights:
                 layer[short] = read_vector(gguf, name)
             else:
                 matrices[short] = raw_rows(gguf, name)
-        pack_layer(layer, matrices, backend)
+        pack_layer(layer, matrices, layer_be)
         weights.layers.append(layer)
     return weights
 
@@ -113,3 +122,6 @@ def pack_layer(layer: dict[str, Any], matrices: dict[str, RawRows], backend: Bac
             layer[fused + ".bias"] = np.concatenate(pieces)
     for short, rows in matrices.items():
         layer[short] = backend.pack(rows.data, rows.ggml_type, rows.row_len)
+    for short, value in layer.items():
+        if isinstance(value, np.ndarray) and value.ndim == 1:
+            layer[short] = backend.vector(value)

@@ -127,6 +127,55 @@ def add_quiet_option(p: argparse.ArgumentParser) -> None:
 def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ctx-size", type=int, default=4096, help="KV cache size in tokens")
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: cores)")
+    add_offload_options(p)
+
+
+def _n_gpu_layers(text: str) -> Any:
+    from llmapp.runtime.placement import parse_n_gpu_layers
+
+    try:
+        return parse_n_gpu_layers(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _memory_size(text: str) -> int:
+    from llmapp.runtime.placement import parse_bytes
+
+    try:
+        return parse_bytes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_offload_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-ngl",
+        "--n-gpu-layers",
+        type=_n_gpu_layers,
+        default=0,
+        metavar="N|auto|all",
+        help="layers on the GPU: the output head first, then blocks from the last (default 0)",
+    )
+    p.add_argument(
+        "--gpu-margin",
+        type=_memory_size,
+        default=512 << 20,
+        metavar="SIZE",
+        help="device memory --n-gpu-layers auto leaves free (default 512MiB)",
+    )
+
+
+def runner_options(args: argparse.Namespace, ctx_size: int, threads: int | None) -> Any:
+    """RunnerOptions from the model and offload flags (a verb without them gets the defaults)."""
+    from llmapp.runtime.model_runner import RunnerOptions
+
+    return RunnerOptions(
+        ctx_size=ctx_size,
+        n_threads=threads,
+        n_gpu_layers=getattr(args, "n_gpu_layers", 0),
+        gpu_margin=getattr(args, "gpu_margin", 512 << 20),
+    )
 
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
@@ -185,6 +234,7 @@ def _add_perplexity(sub: Any) -> None:
     p.add_argument("--chunks", type=int, default=-1, help="chunks to score (default: all)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: cores)")
+    add_offload_options(p)
     add_quiet_option(p)
     p.set_defaults(handler=cmd_perplexity)
 
@@ -198,6 +248,7 @@ def _add_bench(sub: Any) -> None:
     p.add_argument("-n", "--n-gen", type=int, default=64)
     p.add_argument("-r", "--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: cores)")
+    add_offload_options(p)
     p.add_argument("--json", action="store_true")
     add_quiet_option(p)
     p.add_argument("--peer", action="store_true", help="also measure llama.cpp (llama-cpp-python)")
@@ -266,11 +317,13 @@ def constraint_options(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def open_engine(path: Path, ctx_size: int, threads: int | None) -> Any:
+def open_engine(
+    path: Path, ctx_size: int, threads: int | None, args: argparse.Namespace | None = None
+) -> Any:
     from llmapp.runtime.engine import Engine, EngineOptions
-    from llmapp.runtime.model_runner import RunnerOptions
 
-    return Engine(path, EngineOptions(runner=RunnerOptions(ctx_size=ctx_size, n_threads=threads)))
+    options = runner_options(args or argparse.Namespace(), ctx_size, threads)
+    return Engine(path, EngineOptions(runner=options))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -278,7 +331,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     text = read_prompt(args)
     path = resolve(args.model, args.quiet)
     with LoadProgress(args.model, args.quiet) as loading:
-        engine = open_engine(path, args.ctx_size, args.threads)
+        engine = open_engine(path, args.ctx_size, args.threads, args)
+        args.offload = engine.runner.offload
         try:
             prompt: Any = text
             if not args.raw:
@@ -330,9 +384,14 @@ def report(args: argparse.Namespace, text: str, ids: list[int], last: Any) -> No
                 "decode_tps": round(decode_tps, 2),
             },
         }
+        offload = getattr(args, "offload", None)
+        if offload is not None:
+            out["offload"] = offload.as_dict()
         print(json.dumps(out, ensure_ascii=False))
         return
     print()
+    if args.verbose and getattr(args, "offload", None) is not None:
+        print(args.offload.describe(), file=sys.stderr)
     if args.verbose:
         print(
             f"prompt {last.usage.prompt_tokens} tokens, {prefill_tps:.1f} t/s; "
@@ -342,7 +401,7 @@ def report(args: argparse.Namespace, text: str, ids: list[int], last: Any) -> No
 
 
 def cmd_perplexity(args: argparse.Namespace) -> int:
-    from llmapp.runtime.model_runner import ModelRunner, RunnerOptions
+    from llmapp.runtime.model_runner import ModelRunner
     from llmapp.runtime.tokenizer import Tokenizer
 
     try:
@@ -351,10 +410,7 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
         raise LlmappError(f"cannot read {args.file}: {exc}") from exc
     path = resolve(args.model, args.quiet)
     with LoadProgress(args.model, args.quiet) as loading:
-        runner = ModelRunner(
-            path,
-            RunnerOptions(ctx_size=max(args.ctx, 16), n_threads=args.threads),
-        )
+        runner = ModelRunner(path, runner_options(args, max(args.ctx, 16), args.threads))
         tokenizer = Tokenizer.from_gguf(runner.gguf)
         result = perplexity_with_progress(runner, tokenizer, text, args, loading)
     if args.json:
@@ -388,7 +444,7 @@ def perplexity_with_progress(
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from llmapp.runtime.bench import OurBench, run_bench
-    from llmapp.runtime.model_runner import ModelRunner, RunnerOptions
+    from llmapp.runtime.model_runner import ModelRunner
 
     try:
         prompts = [int(p) for p in args.prompts.split(",") if p]
@@ -407,11 +463,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
             else {}
         )
         ctx = max(prompts + [128 + args.n_gen]) + 16
-        runner = ModelRunner(path, RunnerOptions(ctx_size=ctx, n_threads=threads))
+        runner = ModelRunner(path, runner_options(args, ctx, threads))
         loading.done()
     ours = run_bench(OurBench(runner), prompts, args.n_gen, args.repeats)
+    offload = runner.offload
     del runner
     out: dict[str, Any] = {"model": args.model, "threads": threads, **ours.as_dict(), **engine_out}
+    if offload is not None:
+        out["offload"] = offload.as_dict()
     if args.peer:
         out["peer"] = peer_figures(path, threads, prompts, ctx, args, ours)
         if args.concurrency and out["peer"]["concurrency"]["aggregate_decode_tps"]:
@@ -442,14 +501,11 @@ def engine_figures(
         random_tokens,
     )
     from llmapp.runtime.engine import Engine, EngineOptions
-    from llmapp.runtime.model_runner import RunnerOptions
 
     n = args.concurrency or 0
     # Room for every session at once, and for a cold and a cached prefix request side by side.
     ctx = max(n * (DECODE_PROMPT + args.n_gen), 2 * (args.shared_prefix + SHARED_PREFIX_SUFFIX))
-    opts = EngineOptions(
-        runner=RunnerOptions(ctx_size=ctx + 64, n_threads=threads), max_num_seqs=max(n, 1)
-    )
+    opts = EngineOptions(runner=runner_options(args, ctx + 64, threads), max_num_seqs=max(n, 1))
     repeats = min(args.repeats, 3)
     out: dict[str, Any] = {}
     with Engine(path, opts) as engine:

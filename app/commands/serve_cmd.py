@@ -9,6 +9,7 @@ import socket
 import sys
 from typing import Any
 
+from llmapp.app.commands.run_cmds import add_offload_options
 from llmapp.runtime.errors import LlmappError
 
 EXAMPLES = """\
@@ -37,6 +38,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 503")
     p.add_argument("--max-num-seqs", type=int, default=16, help="sessions decoded together")
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: cores)")
+    add_offload_options(p)
     p.add_argument("--max-loaded-models", type=int, default=1, help="models held at once")
     p.add_argument("--memory-budget", default=None, help="e.g. 4GiB: weights+KV of all models")
     p.add_argument("--kv-memory", default=None, help="e.g. 512MiB of KV cache per model")
@@ -110,6 +112,8 @@ def _config(args: argparse.Namespace) -> Any:
             ctx_size=args.ctx_size,
             parallel=args.parallel,
             threads=args.threads,
+            n_gpu_layers=args.n_gpu_layers,
+            gpu_margin=args.gpu_margin,
             max_queue=args.max_queue,
             max_num_seqs=args.max_num_seqs,
             max_loaded=args.max_loaded_models,

@@ -33,6 +33,8 @@ class PoolConfig:
     ctx_size: int | None = None  # tokens one request may use (None: trained, capped)
     parallel: int = 1  # the KV pool holds this many full-length sessions
     threads: int | None = None
+    n_gpu_layers: int | str = 0  # --n-gpu-layers: a slot count, "auto" or "all"
+    gpu_margin: int = 512 << 20  # bytes --n-gpu-layers auto leaves free on the device
     max_queue: int = 256
     max_num_seqs: int = 16
     max_loaded: int = 1
@@ -214,7 +216,12 @@ class ModelPool:
     def _open(self, key: str, path: Path, sizing: Sizing) -> LoadedModel:
         cfg = self.config
         options = EngineOptions(
-            runner=RunnerOptions(ctx_size=sizing.pool_tokens, n_threads=cfg.threads),
+            runner=RunnerOptions(
+                ctx_size=sizing.pool_tokens,
+                n_threads=cfg.threads,
+                n_gpu_layers=cfg.n_gpu_layers,
+                gpu_margin=cfg.gpu_margin,
+            ),
             max_num_seqs=max(cfg.max_num_seqs, cfg.parallel),
             max_waiting=cfg.max_queue,
             max_model_len=sizing.ctx,

@@ -21,7 +21,7 @@ from .llama import attention_block, output_head, projections
 if TYPE_CHECKING:
     from numpy import ndarray as Array
 
-    from ..backend import Backend
+    from ..backend import LayerBackends
     from ..batch import ForwardBatch
     from ..weights import Weights
 
@@ -97,13 +97,21 @@ def _attn_scale(gguf: GGUFFile, hp: HParams) -> float:
 
 
 def forward(
-    cfg: ModelConfig, weights: Weights, batch: ForwardBatch, kv_layers: list[Any], be: Backend
+    cfg: ModelConfig,
+    weights: Weights,
+    batch: ForwardBatch,
+    kv_layers: list[Any],
+    backends: LayerBackends,
 ) -> Array:
     """Logits [len(batch.logits_rows), n_vocab] for a batch of sequences."""
+    from ..backend import move
+
+    be = backends.embed
     emb = weights.token_embd
     x = be.embed(emb.data, emb.ggml_type, emb.row_len, batch.token_ids)  # [T, n_embd]
-    x *= x.dtype.type(cfg.embed_scale)
+    x *= x.dtype.type(cfg.embed_scale)  # the embedding is always the CPU's numpy array
     for il, layer in enumerate(weights.layers):
+        x, be = move(x, be, backends.layers[il]), backends.layers[il]
         base = cfg.rope_base_for(il)
         window = (cfg.sliding_window or 0) if cfg.layer_sliding[il] else 0
         h = be.rms_norm(x, layer["attn_norm"], cfg.norm_eps)
@@ -112,4 +120,4 @@ def forward(
         h = be.rms_norm(x, layer["ffn_norm"], cfg.norm_eps)
         act = be.gelu_tanh_mul(*projections(be, h, layer, "ffn_gate_up", contiguous=False))
         x += be.rms_norm(be.matmul(act, layer["ffn_down"]), layer["post_ffw_norm"], cfg.norm_eps)
-    return output_head(cfg, weights, x[batch.logits_rows], be)
+    return output_head(cfg, weights, x[batch.logits_rows], be, backends.head)

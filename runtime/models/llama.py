@@ -12,7 +12,7 @@ from ..gguf_file import GGUFFile
 if TYPE_CHECKING:  # the forward pass needs no import at config time
     from numpy import ndarray as Array
 
-    from ..backend import Backend
+    from ..backend import Backend, LayerBackends
     from ..batch import ForwardBatch
     from ..weights import Weights
 
@@ -91,20 +91,31 @@ def attention_block(
 
 
 def forward(
-    cfg: ModelConfig, weights: Weights, batch: ForwardBatch, kv_layers: list[Any], be: Backend
+    cfg: ModelConfig,
+    weights: Weights,
+    batch: ForwardBatch,
+    kv_layers: list[Any],
+    backends: LayerBackends,
 ) -> Array:
     """Logits [len(batch.logits_rows), n_vocab] for a batch of sequences."""
+    from ..backend import move
+
+    be = backends.embed
     emb = weights.token_embd
     x = be.embed(emb.data, emb.ggml_type, emb.row_len, batch.token_ids)  # [T, n_embd]
     for il, layer in enumerate(weights.layers):
+        x, be = move(x, be, backends.layers[il]), backends.layers[il]
         h = be.rms_norm(x, layer["attn_norm"], cfg.norm_eps)
         x += attention_block(cfg, be, layer, h, batch, kv_layers[il], cfg.rope_base, 0)
         h = be.rms_norm(x, layer["ffn_norm"], cfg.norm_eps)
         act = be.swiglu(*projections(be, h, layer, "ffn_gate_up", contiguous=False))
         x += be.matmul(act, layer["ffn_down"])
-    return output_head(cfg, weights, x[batch.logits_rows], be)
+    return output_head(cfg, weights, x[batch.logits_rows], be, backends.head)
 
 
-def output_head(cfg: ModelConfig, weights: Weights, x: Array, be: Backend) -> Array:
-    h = be.rms_norm(x, weights.output_norm, cfg.norm_eps)
-    return be.matmul(h, weights.output)
+def output_head(cfg: ModelConfig, weights: Weights, x: Array, src: Backend, be: Backend) -> Array:
+    """Logits as a host array; x [R, n_embd] arrives from the last block's backend `src`."""
+    from ..backend import move
+
+    h = be.rms_norm(move(x, src, be), weights.output_norm, cfg.norm_eps)
+    return be.to_host(be.matmul(h, weights.output))

@@ -5,6 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+# before torch: the CPU kernels' OpenMP settings must be in the environment when torch loads
+import llmapp.kernels_cpu.threads  # noqa: F401, I001
+
 torch = pytest.importorskip("torch")
 
 from llmapp.kernels_cpu import attention as cpu_attention  # noqa: E402
