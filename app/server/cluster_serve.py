@@ -116,8 +116,8 @@ class EngineReplica:
                 raise RuntimeError(f"the engine of {m.name} has stopped")
 
     def __del__(self) -> None:
-        # Serve calls this when it stops the replica: streams still open end with an error
-        # event instead of holding the shutdown.
+        # Serve calls this when it stops the replica, after its graceful wait: streams still
+        # open then end with an error event rather than a cut connection.
         pool = getattr(self, "pool", None)
         if pool is not None:
             pool.begin_shutdown()
