@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from llmapp.app.commands.run_cmds import add_speculative_options, speculative_tokens
+
 API_KEY_ENV = "LLMAPP_API_KEY"
 
 
@@ -31,6 +33,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--system", default="", help="system prompt of new conversations")
     p.add_argument("--ctx-size", type=int, default=4096, help="KV cache size in tokens")
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: cores)")
+    add_speculative_options(p)
     p.add_argument("--list", action="store_true", help="print saved conversations and exit")
     p.add_argument("--resume", type=int, default=None, metavar="ID", help="open conversation ID")
     p.add_argument(
@@ -76,7 +79,9 @@ def make_backend(args: argparse.Namespace) -> Any:
         return RemoteBackend(args.url, args.api_key or os.environ.get(API_KEY_ENV) or None)
     from llmapp.app.tui.backend import EngineBackend
 
-    return EngineBackend(ctx_size=args.ctx_size, n_threads=args.threads)
+    return EngineBackend(
+        ctx_size=args.ctx_size, n_threads=args.threads, speculative_tokens=speculative_tokens(args)
+    )
 
 
 def run_app(args: argparse.Namespace, history: Any) -> int:

@@ -130,6 +130,32 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     add_offload_options(p)
 
 
+def add_speculative_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--speculative",
+        choices=["ngram"],
+        default=None,
+        help="draft tokens from the context (prompt lookup) and verify them in one pass",
+    )
+    p.add_argument(
+        "--speculative-tokens",
+        type=int,
+        default=8,
+        metavar="K",
+        help="at most K drafts a step (default 8; fewer while drafts are rejected)",
+    )
+
+
+def speculative_tokens(args: argparse.Namespace) -> int:
+    """EngineOptions.speculative_tokens from --speculative/--speculative-tokens (0: off)."""
+    if getattr(args, "speculative", None) is None:
+        return 0
+    k = int(args.speculative_tokens)
+    if not 1 <= k <= 32:
+        raise LlmappError(f"--speculative-tokens must be in [1, 32], got {k}")
+    return k
+
+
 def _n_gpu_layers(text: str) -> Any:
     from llmapp.runtime.placement import parse_n_gpu_layers
 
@@ -219,6 +245,7 @@ def _add_run(sub: Any) -> None:
     add_quiet_option(p)
     add_sampling_options(p)
     add_model_options(p)
+    add_speculative_options(p)
     p.set_defaults(handler=cmd_run)
 
 
@@ -322,12 +349,14 @@ def open_engine(
 ) -> Any:
     from llmapp.runtime.engine import Engine, EngineOptions
 
-    options = runner_options(args or argparse.Namespace(), ctx_size, threads)
-    return Engine(path, EngineOptions(runner=options))
+    args = args or argparse.Namespace()
+    options = runner_options(args, ctx_size, threads)
+    return Engine(path, EngineOptions(runner=options, speculative_tokens=speculative_tokens(args)))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     params = sampling_params(args)
+    speculative_tokens(args)  # a bad value fails before the model loads
     text = read_prompt(args)
     path = resolve(args.model, args.quiet)
     with LoadProgress(args.model, args.quiet) as loading:
@@ -387,6 +416,11 @@ def report(args: argparse.Namespace, text: str, ids: list[int], last: Any) -> No
         offload = getattr(args, "offload", None)
         if offload is not None:
             out["offload"] = offload.as_dict()
+        if getattr(args, "speculative", None):
+            out["speculative"] = {
+                "drafted": last.usage.drafted_tokens,
+                "accepted": last.usage.accepted_tokens,
+            }
         print(json.dumps(out, ensure_ascii=False))
         return
     print()
@@ -398,6 +432,11 @@ def report(args: argparse.Namespace, text: str, ids: list[int], last: Any) -> No
             f"generated {last.usage.completion_tokens} tokens, {decode_tps:.1f} t/s",
             file=sys.stderr,
         )
+    if args.verbose and getattr(args, "speculative", None):
+        drafted, accepted = last.usage.drafted_tokens, last.usage.accepted_tokens
+        rate = f"{accepted / drafted:.0%}" if drafted else "-"
+        print(f"speculative: {accepted} of {drafted} drafted tokens accepted ({rate})",
+              file=sys.stderr)  # fmt: skip
 
 
 def cmd_perplexity(args: argparse.Namespace) -> int:

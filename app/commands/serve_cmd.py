@@ -9,7 +9,11 @@ import socket
 import sys
 from typing import Any
 
-from llmapp.app.commands.run_cmds import add_offload_options
+from llmapp.app.commands.run_cmds import (
+    add_offload_options,
+    add_speculative_options,
+    speculative_tokens,
+)
 from llmapp.runtime.errors import LlmappError
 
 EXAMPLES = """\
@@ -43,6 +47,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--memory-budget", default=None, help="e.g. 4GiB: weights+KV of all models")
     p.add_argument("--kv-memory", default=None, help="e.g. 512MiB of KV cache per model")
     p.add_argument("--no-pull", action="store_true", help="refuse models not yet pulled")
+    add_speculative_options(p)
     p.add_argument("--log-level", default="warning", help="uvicorn's log level")
     _add_ray_options(p)
     p.set_defaults(handler=cmd_serve)
@@ -119,6 +124,7 @@ def _config(args: argparse.Namespace) -> Any:
             max_loaded=args.max_loaded_models,
             memory_budget=parse_size(args.memory_budget) if args.memory_budget else None,
             kv_memory=parse_size(args.kv_memory) if args.kv_memory else None,
+            speculative_tokens=speculative_tokens(args),
             allow_pull=not args.no_pull,
         )
     except ValueError as exc:

@@ -40,6 +40,7 @@ class PoolConfig:
     max_loaded: int = 1
     memory_budget: int | None = None  # bytes for weights and KV of all loaded models
     kv_memory: int | None = None  # bytes of KV cache per model (instead of ctx * parallel)
+    speculative_tokens: int = 0  # n-gram drafts per step (0: no speculative decoding)
     allow_pull: bool = True
     kv_bytes_per_element: int = 4  # the KV cache is float32
 
@@ -225,6 +226,7 @@ class ModelPool:
             max_num_seqs=max(cfg.max_num_seqs, cfg.parallel),
             max_waiting=cfg.max_queue,
             max_model_len=sizing.ctx,
+            speculative_tokens=cfg.speculative_tokens,
         )
         engine = self._engine_factory(path, options)
         entry = model_store.entry_for_path(path)

@@ -232,10 +232,12 @@ class EngineBackend:
         ctx_size: int = 4096,
         n_threads: int | None = None,
         engines: dict[str, Any] | None = None,
+        speculative_tokens: int = 0,
     ) -> None:
         """engines: already loaded Engines by model name (borrowed: close() leaves them up)."""
         self.ctx_size = ctx_size
         self.n_threads = n_threads
+        self.speculative_tokens = speculative_tokens
         self._engines: dict[str, Any] = dict(engines or {})
         self._borrowed = set(self._engines)
         self._loads: dict[str, asyncio.Task[Any]] = {}
@@ -275,7 +277,9 @@ class EngineBackend:
         from llmapp.runtime import Engine, EngineOptions, RunnerOptions
 
         runner = RunnerOptions(ctx_size=self.ctx_size, n_threads=self.n_threads)
-        return Engine(path, EngineOptions(runner=runner))
+        return Engine(
+            path, EngineOptions(runner=runner, speculative_tokens=self.speculative_tokens)
+        )
 
     def _unload_idle(self, keep: str) -> None:
         for name in list(self._engines):
