@@ -273,14 +273,18 @@ async def _collect(request: Request, choices: list[Choice], streams: list[Reques
             choices[i].push(delta)
 
     reader = asyncio.create_task(read())
-    while not reader.done():
-        done, _ = await asyncio.wait({reader}, timeout=0.25)
-        if not done and await request.is_disconnected():
-            reader.cancel()  # cancelling the reads aborts the requests
+    try:
+        while not reader.done():
+            done, _ = await asyncio.wait({reader}, timeout=0.25)
+            if not done and await request.is_disconnected():
+                return  # the finally below ends the requests
+        reader.result()
+    finally:
+        # A hang-up, or this handler itself cancelled: the requests end at once.
+        if not reader.done():
+            reader.cancel()
             for stream in streams:
                 stream.abort()
-            return
-    reader.result()
 
 
 def _failure(finals: list[Delta | None], pool: ModelPool) -> APIError | None:
