@@ -6,8 +6,11 @@ scheduler's business, and which blocks they own is the KV cache manager's.
 
 from __future__ import annotations
 
+import atexit
 import logging
+import threading
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -31,6 +34,8 @@ from llmapp.runtime.placement import NGpuLayers, OffloadInfo
 from llmapp.runtime.weights import Weights, load_weights
 
 log = logging.getLogger("llmapp.runtime")
+COMPUTE_THREAD_NAME = "llmapp-compute"  # runtime/compute.py's thread
+EXIT_WAIT_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -97,6 +102,7 @@ class ModelRunner:
         head, layers = placement.split_slots(n_layer, slots)
         weight_bytes, kv_bytes = costs.slot_bytes(slots)
         self.offload = OffloadInfo(device.name, slots, n_layer + 1, weight_bytes, kv_bytes)
+        atexit.register(_release_device_arrays, weakref.ref(self))
         return LayerBackends(
             self.backend,
             [gpu if on else self.backend for on in layers],
@@ -115,3 +121,19 @@ class ModelRunner:
     @property
     def kv_bytes(self) -> int:
         return sum(sum(a.nbytes for a in kv) for kv in self.kv_layers)
+
+
+def _release_device_arrays(ref: weakref.ref[ModelRunner]) -> None:
+    """At exit, let the engine's compute thread finish, then free the runner's torch tensors
+    on the main thread. A daemon thread still inside torch's C++ code (freeing tensors, or its
+    thread-local state at thread end) while the interpreter finalizes aborts the process
+    ("terminate called without an active exception"), seen in 1 of 3 `run -ngl 5` exits."""
+    for thread in threading.enumerate():
+        if thread.name.startswith(COMPUTE_THREAD_NAME) and thread is not threading.current_thread():
+            thread.join(timeout=EXIT_WAIT_S)  # it ends once no engine is attached
+    runner = ref()
+    if runner is not None:
+        runner.kv_layers = []
+        runner.weights.layers = []
+        runner.weights.output = runner.weights.output_norm = None
+        runner.backends = LayerBackends(runner.backend, [], runner.backend)
