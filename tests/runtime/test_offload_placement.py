@@ -16,6 +16,11 @@ from llmapp.runtime.model_runner import ModelRunner, RunnerOptions
 CTX = 64
 
 
+def device_bytes(value: object) -> int:
+    data = getattr(value, "data", value)  # a PackedWeight's bytes, or a tensor itself
+    return int(getattr(data, "nbytes", 0))
+
+
 def test_slots_follow_llama_cpp() -> None:
     assert placement.split_slots(4, 0) == (False, [False] * 4)
     assert placement.split_slots(4, 1) == (True, [False] * 4)  # the head only
@@ -99,6 +104,11 @@ def test_auto_picks_what_the_estimate_says(
             assert runner.offload.weight_bytes == weights and runner.offload.kv_bytes == kv
             device_kv = sum(k.nbytes + v.nbytes for k, v in runner.kv_layers[-(want - 1) :])
             assert want == 1 or device_kv == kv
+            # what the device really holds: packed matrices and vectors of offloaded parts
+            held = device_bytes(runner.weights.output) + device_bytes(runner.weights.output_norm)
+            for layer in runner.weights.layers[cfg.n_layer - (want - 1) :]:
+                held += sum(device_bytes(v) for v in layer.values())
+            assert abs(held - weights) <= 0.1 * weights, (held, weights)
         del runner
     monkeypatch.setenv("LLMAPP_DEVICE_MEMORY", "8MiB")
     with pytest.raises(placement.PlacementError, match="8 MiB is free"):
