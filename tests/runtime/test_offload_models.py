@@ -46,13 +46,13 @@ def open_engine(path: Path, ngl: int | str) -> Engine:
     return Engine(path, EngineOptions(runner=runner, max_num_seqs=4, enable_prefix_cache=True))
 
 
-def greedy() -> SamplingParams:
-    return SamplingParams(temperature=0, max_tokens=N_NEW, logprobs=True, top_logprobs=2)
+def greedy(n: int) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=n, logprobs=True, top_logprobs=2)
 
 
-def replies(engine: Engine, prompts: list[str]) -> list[tuple[Reply, int]]:
+def replies(engine: Engine, prompts: list[str], n: int = N_NEW) -> list[tuple[Reply, int]]:
     """Greedy replies of prompts run together, with each one's cached prompt tokens."""
-    streams = [engine.submit(p, greedy()) for p in prompts]
+    streams = [engine.submit(p, greedy(n)) for p in prompts]
     out = []
     for stream in streams:
         ids: list[int] = []
@@ -98,3 +98,18 @@ def test_greedy_tokens_match_the_cpu_path(fixture: str, request: pytest.FixtureR
                 (((got, _), cached),) = replies(engine, [SHARED])
                 assert cached > 0
                 assert_agrees(cpu[2], got, f"{fixture} ngl={ngl} cached")
+
+
+def test_preempted_sessions_across_the_split(smollm2_path: Path) -> None:
+    """4 blocks of 16 tokens for 3 replies that grow into 2 blocks each: running sessions are
+    preempted and recomputed, their KV blocks freed and refilled on both sides of the split."""
+    prompts = [*PROMPTS, "a b c d e f g h i j k l"]
+    n = 10
+    with open_engine(smollm2_path, 0) as engine:
+        cpu = [reply for reply, _ in replies(engine, prompts, n)]
+    runner = RunnerOptions(ctx_size=64, n_threads=1, n_gpu_layers=SOME)
+    options = EngineOptions(runner=runner, max_num_seqs=3, enable_prefix_cache=False)
+    with Engine(smollm2_path, options) as engine:
+        for i, ((got, _), _cached) in enumerate(replies(engine, prompts, n)):
+            assert_agrees(cpu[i], got, f"preempted prompt {i}")
+        assert engine.metrics_snapshot()["preemptions"] > 0
