@@ -149,7 +149,9 @@ def start_peer(path: str, threads: int, ctx: int) -> tuple[subprocess.Popen[byte
         return None
     port = free_port()
     cmd = [sys.executable, "-m", "llama_cpp.server", "--model", path, "--host", "127.0.0.1",
-           "--port", str(port), "--n_threads", str(threads), "--n_ctx", str(ctx)]  # fmt: skip
+           "--port", str(port), "--n_threads", str(threads), "--n_ctx", str(ctx),
+           # By default a new request interrupts the one streaming: that is no load test.
+           "--interrupt_requests", "False"]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     wait_ready(url, proc, "/v1/models")
