@@ -105,6 +105,8 @@ def grammar_for(
     given = [x is not None and x is not False for x in (json_schema, grammar, regex)]
     if sum(given) > 1:
         raise ConstraintError("give at most one of json_schema, grammar and regex")
+    if not any(given):
+        return None  # llguidance is loaded only for constrained requests
     ll = _llguidance()
     if json_schema is True:
         json_schema = {"type": "object"}  # "json_object": any JSON object
