@@ -4,39 +4,16 @@ Real shell pipelines: `llmapp ... | head -1` under bash, the status taken from P
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shlex
-import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+from cli_helpers import LLMAPP, README, bench_quantize
 
 EXIT_BROKEN_PIPE = 141
-
-
-def _command() -> list[str]:
-    exe = shutil.which("llmapp")
-    return [exe] if exe else [sys.executable, "-m", "llmapp.app.cli"]
-
-
-def bench_quantize() -> ModuleType:
-    # benchmarks/bench_quantize.py writes synthetic F32 models (tests/conftest.py's loader is
-    # out of reach here: `conftest` names another module when tests/app/server is collected).
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_quantize.py"
-    spec = importlib.util.spec_from_file_location("bench_quantize", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-LLMAPP = _command()
-README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def through_head(tmp_path: Path, *args: str, stdin: Path | None = None) -> tuple[int, str, str]:

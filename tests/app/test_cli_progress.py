@@ -2,43 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import os
 import pty
-import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
+from cli_helpers import LLMAPP, README, bench_quantize
 
 from llmapp.app import progress as progress_module
 from llmapp.app.commands import run_cmds
 from llmapp.app.progress import Progress, human_bytes, stage_progress
-
-
-def _command() -> list[str]:
-    exe = shutil.which("llmapp")
-    return [exe] if exe else [sys.executable, "-m", "llmapp.app.cli"]
-
-
-def bench_quantize() -> ModuleType:
-    # benchmarks/bench_quantize.py writes synthetic F32 models (tests/conftest.py's loader is
-    # out of reach here: `conftest` names another module when tests/app/server is collected).
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_quantize.py"
-    spec = importlib.util.spec_from_file_location("bench_quantize", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-LLMAPP = _command()
-README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 class FakeTerminal(io.StringIO):
