@@ -20,7 +20,7 @@ import time
 from types import TracebackType
 from typing import TextIO
 
-from llmapp.runtime.store import ProgressFn
+from llmapp.runtime.files.store import ProgressFn
 
 __all__ = ["Progress", "StageProgress", "stage_progress", "human_bytes", "ProgressFn"]
 

@@ -43,10 +43,10 @@ TEXT = json.dumps({"items": [{"name": f"item {i}", "count": i * 7} for i in rang
 def mask_times(model: str) -> dict[str, Any]:
     import numpy as np
 
-    from llmapp.runtime.constrain import Constraint, _ll_tokenizer, grammar_for
-    from llmapp.runtime.gguf_file import GGUFFile
-    from llmapp.runtime.store import resolve_model
-    from llmapp.runtime.tokenizer import Tokenizer
+    from llmapp.runtime.files.gguf_file import GGUFFile
+    from llmapp.runtime.files.store import resolve_model
+    from llmapp.runtime.text.constrain import Constraint, _ll_tokenizer, grammar_for
+    from llmapp.runtime.text.tokenizer import Tokenizer
 
     with GGUFFile(resolve_model(model)) as gguf:
         tok = Tokenizer.from_gguf(gguf)

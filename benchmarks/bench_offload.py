@@ -16,11 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from llmapp.runtime.backend import make_backend
 from llmapp.runtime.bench import DECODE_PROMPT, OurBench, random_tokens, run_bench
-from llmapp.runtime.model_runner import ModelRunner, RunnerOptions
-from llmapp.runtime.placement import parse_n_gpu_layers
-from llmapp.runtime.store import resolve_model
+from llmapp.runtime.execution.backend import make_backend
+from llmapp.runtime.execution.model_runner import ModelRunner, RunnerOptions
+from llmapp.runtime.execution.placement import parse_n_gpu_layers
+from llmapp.runtime.files.store import resolve_model
 
 
 def pick_device(threads: int) -> str:

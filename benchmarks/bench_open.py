@@ -36,8 +36,8 @@ rss0, hwm0 = status("VmRSS:"), status("VmHWM:")
 t0 = time.perf_counter()
 path, reader = sys.argv[1], sys.argv[2]
 if reader == "llmapp":
-    from llmapp.runtime.config import load_config
-    from llmapp.runtime.gguf_file import GGUFFile
+    from llmapp.runtime.execution.models import load_config
+    from llmapp.runtime.files.gguf_file import GGUFFile
     t1 = time.perf_counter()
     g = GGUFFile(path)
     config = load_config(g)
@@ -97,7 +97,7 @@ def default_models() -> list[Path]:
     if home:
         models = Path(home) / "models"
     else:
-        from llmapp.runtime.store import models_dir
+        from llmapp.runtime.files.store import models_dir
 
         models = models_dir()
     return sorted(models.glob("*.gguf"), key=lambda p: p.stat().st_size)

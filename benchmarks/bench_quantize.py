@@ -194,7 +194,7 @@ def llama_quantize_rows(x: np.ndarray, ggml_type: int) -> np.ndarray:
 def rms_errors(src: Path, quantized: Path) -> dict[str, tuple[int, float]]:
     """Per tensor of `quantized`: (its type, RMS of its values minus the source's values)."""
     from llmapp.kernels_cpu.quants import dequantize
-    from llmapp.runtime.gguf_file import GGUFFile
+    from llmapp.runtime.files.gguf_file import GGUFFile
 
     errors = {}
     with GGUFFile(src) as a, GGUFFile(quantized) as b:
@@ -209,7 +209,7 @@ def rms_errors(src: Path, quantized: Path) -> dict[str, tuple[int, float]]:
 
 def compare(src: Path, ftype: str, workdir: Path) -> dict[str, Any]:
     """Quantize src both ways; per-tensor RMS errors, types and times."""
-    from llmapp.runtime.quantize import quantize_file
+    from llmapp.runtime.files.quantize import quantize_file
 
     ours_path, peer_path = workdir / f"ours-{ftype}.gguf", workdir / f"llama-{ftype}.gguf"
     t0 = time.perf_counter()
@@ -243,8 +243,8 @@ def dequantized_copy(src: Path, dst: Path) -> Path:
     import gguf
 
     from llmapp.kernels_cpu.quants import dequantize
-    from llmapp.runtime.gguf_file import GGUFFile
-    from llmapp.runtime.quantize import _copy_key, _writer_class
+    from llmapp.runtime.files.gguf_file import GGUFFile
+    from llmapp.runtime.files.quantize import _copy_key, _writer_class
 
     with GGUFFile(src) as f:
         w = _writer_class()(str(dst), f.metadata["general.architecture"])
@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         src = write_synthetic_llama(work / "synthetic-f32.gguf", n_layer=args.layers)
         out["synthetic"] = [compare(src, t, work) for t in types]
         if args.real:
-            from llmapp.runtime.store import resolve_model
+            from llmapp.runtime.files.store import resolve_model
 
             real = dequantized_copy(resolve_model(args.real), work / "real-f32.gguf")
             out["real"] = [compare(real, t, work) for t in types]

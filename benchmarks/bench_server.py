@@ -195,7 +195,7 @@ def main() -> None:
     p.add_argument("--no-peer", action="store_true")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
-    from llmapp.runtime.store import resolve_model
+    from llmapp.runtime.files.store import resolve_model
 
     path = str(resolve_model(args.model))
     levels = [int(c) for c in args.clients.split(",")]

@@ -24,16 +24,16 @@ from typing import Any
 import numpy as np
 
 from llmapp.runtime.bench import OurBench, PeerBench, run_bench
-from llmapp.runtime.model_runner import ModelRunner, RunnerOptions
-from llmapp.runtime.store import resolve_model
+from llmapp.runtime.execution.model_runner import ModelRunner, RunnerOptions
+from llmapp.runtime.files.store import resolve_model
 
 MODELS = ["smollm2:135m", "gemma3:270m", "qwen2.5-coder:0.5b"]
 PROMPT_16 = "Write a short poem about the sea, the wind, and the light of early morning."
 GEN_SCRIPT = """
 import sys
-from llmapp.runtime.engine import Engine, EngineOptions
-from llmapp.runtime.model_runner import RunnerOptions
-from llmapp.runtime.sampling import SamplingParams
+from llmapp.runtime.core.engine import Engine, EngineOptions
+from llmapp.runtime.execution.model_runner import RunnerOptions
+from llmapp.runtime.core.sampling import SamplingParams
 opts = EngineOptions(runner=RunnerOptions(ctx_size=int(sys.argv[2]), n_threads=int(sys.argv[3])))
 with Engine(sys.argv[1], opts) as e:
     e.generate("Once upon a time", SamplingParams(temperature=0, max_tokens=128, ignore_eos=True))

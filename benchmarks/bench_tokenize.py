@@ -33,9 +33,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from llmapp.runtime.gguf_file import GGUFFile
-from llmapp.runtime.store import resolve_model
-from llmapp.runtime.tokenizer import Tokenizer
+from llmapp.runtime.files.gguf_file import GGUFFile
+from llmapp.runtime.files.store import resolve_model
+from llmapp.runtime.text.tokenizer import Tokenizer
 
 DEFAULT_MODELS = ["smollm2:135m", "gemma3:270m", "qwen2.5-coder:0.5b"]
 TEXT_BYTES = 1_000_000

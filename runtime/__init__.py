@@ -1,7 +1,7 @@
 """The runtime's public API: `from llmapp.runtime import Engine, EngineOptions, SamplingParams`.
 
 Names are resolved on first use (a module __getattr__), so importing a light submodule such
-as llmapp.runtime.gguf_file does not pull in numpy, numba or the kernels.
+as llmapp.runtime.files.gguf_file does not pull in numpy, numba or the kernels.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from llmapp.runtime.engine import (
+    from llmapp.runtime.core.engine import (
         Delta,
         Engine,
         EngineOptions,
@@ -20,20 +20,20 @@ if TYPE_CHECKING:
         TokenLogprob,
         Usage,
     )
-    from llmapp.runtime.model_runner import RunnerOptions
-    from llmapp.runtime.sampling import SamplingParams
+    from llmapp.runtime.core.sampling import SamplingParams
+    from llmapp.runtime.execution.model_runner import RunnerOptions
 
 _EXPORTS = {
-    "Delta": "llmapp.runtime.engine",
-    "Engine": "llmapp.runtime.engine",
-    "EngineOptions": "llmapp.runtime.engine",
-    "RequestError": "llmapp.runtime.engine",
-    "RequestStream": "llmapp.runtime.engine",
-    "Timings": "llmapp.runtime.engine",
-    "TokenLogprob": "llmapp.runtime.engine",
-    "Usage": "llmapp.runtime.engine",
-    "RunnerOptions": "llmapp.runtime.model_runner",
-    "SamplingParams": "llmapp.runtime.sampling",
+    "Delta": "llmapp.runtime.core.engine",
+    "Engine": "llmapp.runtime.core.engine",
+    "EngineOptions": "llmapp.runtime.core.engine",
+    "RequestError": "llmapp.runtime.core.engine",
+    "RequestStream": "llmapp.runtime.core.engine",
+    "Timings": "llmapp.runtime.core.engine",
+    "TokenLogprob": "llmapp.runtime.core.engine",
+    "Usage": "llmapp.runtime.core.engine",
+    "RunnerOptions": "llmapp.runtime.execution.model_runner",
+    "SamplingParams": "llmapp.runtime.core.sampling",
 }
 
 __all__ = [
@@ -53,7 +53,7 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
-        # AttributeError lets `from llmapp.runtime import store` fall back to the submodule.
+        # AttributeError lets `from llmapp.runtime import core` fall back to the subpackage.
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value  # later lookups skip this function

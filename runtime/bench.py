@@ -18,11 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from llmapp.runtime.batch import build_batch
-from llmapp.runtime.engine import Engine, RequestStream
-from llmapp.runtime.kv_cache import KVCacheManager, SequenceBlocks
-from llmapp.runtime.model_runner import ModelRunner
-from llmapp.runtime.sampling import SamplingParams
+from llmapp.runtime.core.batch import build_batch
+from llmapp.runtime.core.engine import Engine, RequestStream
+from llmapp.runtime.core.kv_cache import KVCacheManager, SequenceBlocks
+from llmapp.runtime.core.sampling import SamplingParams
+from llmapp.runtime.execution.model_runner import ModelRunner
 
 DECODE_PROMPT = 128
 

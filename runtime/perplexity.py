@@ -13,11 +13,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from llmapp.runtime.batch import build_batch
+from llmapp.runtime.core.batch import build_batch
+from llmapp.runtime.core.kv_cache import KVCacheManager, SequenceBlocks
 from llmapp.runtime.errors import LlmappError
-from llmapp.runtime.kv_cache import KVCacheManager, SequenceBlocks
-from llmapp.runtime.model_runner import ModelRunner
-from llmapp.runtime.tokenizer import Tokenizer
+from llmapp.runtime.execution.model_runner import ModelRunner
+from llmapp.runtime.text.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)

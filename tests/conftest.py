@@ -8,7 +8,7 @@ import pytest
 
 
 def _real_model(name: str) -> Path:
-    from llmapp.runtime.store import resolve_model
+    from llmapp.runtime.files.store import resolve_model
 
     return resolve_model(name)
 

@@ -17,9 +17,9 @@ from typing import Any
 import gguf
 import numpy as np
 
-from llmapp.runtime.batch import ForwardBatch
-from llmapp.runtime.gguf_file import GGUFFile
-from llmapp.runtime.model_runner import RunnerOptions
+from llmapp.runtime.core.batch import ForwardBatch
+from llmapp.runtime.execution.model_runner import RunnerOptions
+from llmapp.runtime.files.gguf_file import GGUFFile
 
 VT = gguf.GGUFValueType
 
@@ -126,7 +126,7 @@ class ScriptedRunner:
     period = 0
 
     def __init__(self, path: Path, options: RunnerOptions) -> None:
-        from llmapp.runtime.config import load_config
+        from llmapp.runtime.execution.models import load_config
 
         with GGUFFile(path) as g:
             self.config: Any = load_config(g)

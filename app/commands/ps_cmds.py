@@ -172,7 +172,7 @@ def run_stop(args: argparse.Namespace) -> int:
 
 
 def run_complete_models(args: argparse.Namespace) -> int:
-    from llmapp.runtime.store import list_models
+    from llmapp.runtime.files.store import list_models
 
     # Pulled models first: those are what a user most often means.
     infos = list_models(include_all=True)

@@ -8,8 +8,8 @@ from typing import Any
 
 from llmapp.app.commands.run_cmds import add_quiet_option, resolve
 from llmapp.app.progress import Progress
-from llmapp.runtime.ggml_types import type_name
-from llmapp.runtime.quantize import FILE_TYPES, QuantizeReport, TensorResult, quantize_file
+from llmapp.runtime.files.ggml_types import type_name
+from llmapp.runtime.files.quantize import FILE_TYPES, QuantizeReport, TensorResult, quantize_file
 
 EXAMPLES = """\
 examples:

@@ -79,7 +79,7 @@ class LoadProgress:
 
 def resolve(model: str, quiet: bool = False) -> Path:
     """A model argument -> its file; a model not in the store yet is pulled, with progress."""
-    from llmapp.runtime import store
+    from llmapp.runtime.files import store
 
     with stage_progress(f"pulling {model}", quiet=quiet) as progress:
         return store.resolve_model(model, progress=progress, notify=_notice)
@@ -92,7 +92,7 @@ def _notice(message: str) -> None:
 
 
 def physical_cores() -> int:
-    from llmapp.runtime.backend import physical_cores as count
+    from llmapp.runtime.execution.backend import physical_cores as count
 
     return count()
 
@@ -157,7 +157,7 @@ def speculative_tokens(args: argparse.Namespace) -> int:
 
 
 def _n_gpu_layers(text: str) -> Any:
-    from llmapp.runtime.placement import parse_n_gpu_layers
+    from llmapp.runtime.execution.placement import parse_n_gpu_layers
 
     try:
         return parse_n_gpu_layers(text)
@@ -166,7 +166,7 @@ def _n_gpu_layers(text: str) -> Any:
 
 
 def _memory_size(text: str) -> int:
-    from llmapp.runtime.placement import parse_bytes
+    from llmapp.runtime.execution.placement import parse_bytes
 
     try:
         return parse_bytes(text)
@@ -194,7 +194,7 @@ def add_offload_options(p: argparse.ArgumentParser) -> None:
 
 def runner_options(args: argparse.Namespace, ctx_size: int, threads: int | None) -> Any:
     """RunnerOptions from the model and offload flags (a verb without them gets the defaults)."""
-    from llmapp.runtime.model_runner import RunnerOptions
+    from llmapp.runtime.execution.model_runner import RunnerOptions
 
     return RunnerOptions(
         ctx_size=ctx_size,
@@ -308,7 +308,7 @@ def read_prompt(args: argparse.Namespace) -> str:
 
 
 def sampling_params(args: argparse.Namespace) -> Any:
-    from llmapp.runtime.sampling import SamplingParams
+    from llmapp.runtime.core.sampling import SamplingParams
 
     return SamplingParams(
         temperature=args.temperature,
@@ -347,7 +347,7 @@ def constraint_options(args: argparse.Namespace) -> dict[str, Any]:
 def open_engine(
     path: Path, ctx_size: int, threads: int | None, args: argparse.Namespace | None = None
 ) -> Any:
-    from llmapp.runtime.engine import Engine, EngineOptions
+    from llmapp.runtime.core.engine import Engine, EngineOptions
 
     args = args or argparse.Namespace()
     options = runner_options(args, ctx_size, threads)
@@ -440,8 +440,8 @@ def report(args: argparse.Namespace, text: str, ids: list[int], last: Any) -> No
 
 
 def cmd_perplexity(args: argparse.Namespace) -> int:
-    from llmapp.runtime.model_runner import ModelRunner
-    from llmapp.runtime.tokenizer import Tokenizer
+    from llmapp.runtime.execution.model_runner import ModelRunner
+    from llmapp.runtime.text.tokenizer import Tokenizer
 
     try:
         text = args.file.read_text(encoding="utf-8")
@@ -483,7 +483,7 @@ def perplexity_with_progress(
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from llmapp.runtime.bench import OurBench, run_bench
-    from llmapp.runtime.model_runner import ModelRunner
+    from llmapp.runtime.execution.model_runner import ModelRunner
 
     try:
         prompts = [int(p) for p in args.prompts.split(",") if p]
@@ -539,7 +539,7 @@ def engine_figures(
         median_run,
         random_tokens,
     )
-    from llmapp.runtime.engine import Engine, EngineOptions
+    from llmapp.runtime.core.engine import Engine, EngineOptions
 
     n = args.concurrency or 0
     # Room for every session at once, and for a cold and a cached prefix request side by side.

@@ -109,7 +109,7 @@ def _bind(host: str, port: int) -> socket.socket:
 def _config(args: argparse.Namespace) -> Any:
     from llmapp.app.server.app import ServerConfig
     from llmapp.app.server.pool import PoolConfig, env_api_keys, parse_size
-    from llmapp.runtime.store import default_model_name
+    from llmapp.runtime.files.store import default_model_name
 
     try:
         pool = PoolConfig(

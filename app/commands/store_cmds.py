@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from llmapp.app.progress import human_bytes, stage_progress
-from llmapp.runtime import store
-from llmapp.runtime.config import load_config
-from llmapp.runtime.download import Interrupted
 from llmapp.runtime.errors import ModelNotFoundError
-from llmapp.runtime.gguf_file import GGUFFile
+from llmapp.runtime.execution.models import load_config
+from llmapp.runtime.files import store
+from llmapp.runtime.files.download import Interrupted
+from llmapp.runtime.files.gguf_file import GGUFFile
 
 _PULL_HELP = "download a model: a catalog name, hf.co/USER/REPO[:QUANT], hf.co/USER/REPO/FILE.gguf"
 

@@ -8,8 +8,8 @@ import sys
 from typing import Any
 
 from llmapp.app.commands.run_cmds import resolve
-from llmapp.runtime.gguf_file import GGUFFile
-from llmapp.runtime.tokenizer import Tokenizer
+from llmapp.runtime.files.gguf_file import GGUFFile
+from llmapp.runtime.text.tokenizer import Tokenizer
 
 EXAMPLES = """\
 examples:

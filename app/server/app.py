@@ -20,8 +20,8 @@ from llmapp.app.server.errors import APIError, install_error_handlers
 from llmapp.app.server.metrics import metrics_text
 from llmapp.app.server.pool import ModelPool, PoolConfig
 from llmapp.app.server.schemas import DetokenizeRequest, StopRequest, TokenizeRequest
-from llmapp.runtime import store as model_store
-from llmapp.runtime.tokenizer import Tokenizer
+from llmapp.runtime.files import store as model_store
+from llmapp.runtime.text.tokenizer import Tokenizer
 
 # Reachable without a key: what load balancers and editors probe before they have one.
 OPEN_PATHS = ("/health", "/v1/health", "/v1/models", "/models")

@@ -31,8 +31,8 @@ from prometheus_client.registry import Collector
 
 from llmapp.app.server.app import ServerConfig
 from llmapp.app.server.metrics import P, snapshot_families
+from llmapp.runtime.core.kv_cache import BlockKey, chain_key
 from llmapp.runtime.errors import LlmappError
-from llmapp.runtime.kv_cache import BlockKey, chain_key
 
 INSTALL_HINT = 'llmapp serve --ray needs Ray Serve: pip install "llmapp[cluster]"'
 ROUTINGS = ("prefix", "random")  # random: a baseline for measurements only
@@ -158,7 +158,7 @@ def routing_ids(fields: Mapping[str, Any], tokenizer: Any, template: Any, limit:
     dropped, since a word split by the cut tokenizes differently)."""
     from llmapp.app.server.completions import chat_messages
     from llmapp.app.server.schemas import ChatCompletionRequest
-    from llmapp.runtime.chat_template import encode_prompt
+    from llmapp.runtime.text.chat_template import encode_prompt
 
     if "messages" in fields:
         body = ChatCompletionRequest.model_validate(fields)

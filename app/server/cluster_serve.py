@@ -54,8 +54,8 @@ from llmapp.app.server.cluster import (
 from llmapp.app.server.errors import APIError, install_error_handlers
 from llmapp.app.server.pool import ModelPool, PoolConfig
 from llmapp.app.server.replies import KEEPALIVE_SECONDS, sse
-from llmapp.runtime import store as model_store
 from llmapp.runtime.errors import LlmappError
+from llmapp.runtime.files import store as model_store
 
 log = logging.getLogger("llmapp.cluster")
 
@@ -330,9 +330,9 @@ class Ingress:
 
 
 def _load_text(key: str, allow_pull: bool) -> tuple[Any, Any] | None:
-    from llmapp.runtime.chat_template import ChatTemplate
-    from llmapp.runtime.gguf_file import GGUFFile
-    from llmapp.runtime.tokenizer import Tokenizer
+    from llmapp.runtime.files.gguf_file import GGUFFile
+    from llmapp.runtime.text.chat_template import ChatTemplate
+    from llmapp.runtime.text.tokenizer import Tokenizer
 
     try:
         path = Path(key) if Path(key).is_absolute() else model_store.resolve_model(key, allow_pull)

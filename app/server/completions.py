@@ -28,7 +28,7 @@ from llmapp.app.server.replies import (
 )
 from llmapp.app.server.schemas import ChatCompletionRequest, CompletionRequest, _Sampling
 from llmapp.runtime import Delta, RequestStream, SamplingParams
-from llmapp.runtime.sampling import SamplingError
+from llmapp.runtime.core.sampling import SamplingError
 
 router = APIRouter()
 FIM_TOKENS = ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>")

@@ -15,9 +15,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llmapp.runtime.constrain import ConstraintError
-from llmapp.runtime.engine import ContextLengthError, EngineStoppedError, QueueFullError
+from llmapp.runtime.core.engine import ContextLengthError, EngineStoppedError, QueueFullError
 from llmapp.runtime.errors import LlmappError, ModelNotFoundError, TemplateError
+from llmapp.runtime.text.constrain import ConstraintError
 
 log = logging.getLogger("llmapp.server")
 

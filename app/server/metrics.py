@@ -18,7 +18,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from llmapp.runtime.metrics import HISTOGRAMS
+from llmapp.runtime.core.metrics import HISTOGRAMS
 
 if TYPE_CHECKING:
     from llmapp.app.server.pool import ModelPool

@@ -18,10 +18,10 @@ from typing import Any
 
 from llmapp.app.server.errors import APIError, from_runtime
 from llmapp.runtime import Engine, EngineOptions, RunnerOptions
-from llmapp.runtime import store as model_store
-from llmapp.runtime.config import load_config
 from llmapp.runtime.errors import LlmappError, ModelNotFoundError
-from llmapp.runtime.gguf_file import GGUFFile
+from llmapp.runtime.execution.models import load_config
+from llmapp.runtime.files import store as model_store
+from llmapp.runtime.files.gguf_file import GGUFFile
 
 DEFAULT_CTX_CAP = 8192  # per-request context when --ctx-size is not given
 LOAD_WAIT_SECONDS = 10.0  # a request waits this long for a loading model, then gets a 503

@@ -17,8 +17,8 @@ from typing import Any, Literal
 
 from llmapp.app.server.tools import StreamSplitter, split_reply
 from llmapp.runtime import Delta, RequestStream
-from llmapp.runtime.engine import TokenLogprob, Usage
-from llmapp.runtime.tokenizer import Tokenizer
+from llmapp.runtime.core.engine import TokenLogprob, Usage
+from llmapp.runtime.text.tokenizer import Tokenizer
 
 Kind = Literal["chat", "text"]
 KEEPALIVE_SECONDS = 15.0

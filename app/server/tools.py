@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llmapp.app.server.errors import APIError
-from llmapp.runtime.constrain import WHITESPACE, bounded
+from llmapp.runtime.text.constrain import WHITESPACE, bounded
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 _CALL_RE = re.compile(re.escape(OPEN) + r"\s*(.*?)\s*" + re.escape(CLOSE), re.DOTALL)

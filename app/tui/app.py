@@ -538,7 +538,7 @@ def _slug(text: str) -> str:
 def export_conversation(conv: Conversation, directory: Path | None) -> Path:
     """Write `conv` as Markdown into `directory` (default: exports/ in the store home)."""
     if directory is None:
-        from llmapp.runtime.store import store_home
+        from llmapp.runtime.files.store import store_home
 
         directory = store_home() / "exports"
     directory.mkdir(parents=True, exist_ok=True)

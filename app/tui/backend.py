@@ -188,14 +188,14 @@ def thread_safe(progress: PullProgress | None, cancel: Cancel | None) -> Callabl
 
 async def pull_model(name: str, progress: PullProgress | None, cancel: Cancel | None) -> Path:
     """store.pull in a thread, with progress on the loop and cancellation."""
-    from llmapp.runtime import store
+    from llmapp.runtime.files import store
 
     report = thread_safe(progress, cancel)
     return await in_thread(lambda: store.pull(name, progress=report), f"pull {name}", cancel)
 
 
 def _needs_pull(model: str) -> bool:
-    from llmapp.runtime import store
+    from llmapp.runtime.files import store
 
     try:
         store.resolve_model(model, pull=False)
@@ -207,7 +207,7 @@ def _needs_pull(model: str) -> bool:
 
 
 def _context_length(path: Path) -> int | None:
-    from llmapp.runtime.gguf_file import GGUFFile
+    from llmapp.runtime.files.gguf_file import GGUFFile
 
     try:
         with GGUFFile(path) as gguf:
@@ -264,7 +264,7 @@ class EngineBackend:
         await asyncio.shield(task)
 
     async def _load(self, model: str, progress: PullProgress | None, cancel: Cancel | None) -> None:
-        from llmapp.runtime import store
+        from llmapp.runtime.files import store
 
         if await in_thread(lambda: _needs_pull(model), "resolve"):
             await pull_model(model, progress, cancel)
@@ -308,7 +308,7 @@ class EngineBackend:
             self._active[model] -= 1
 
     async def default_model(self) -> str:
-        from llmapp.runtime import store
+        from llmapp.runtime.files import store
 
         return store.default_model_name()
 
@@ -316,7 +316,7 @@ class EngineBackend:
         return await in_thread(self._list_models, "models")
 
     def _list_models(self) -> list[ModelChoice]:
-        from llmapp.runtime import store
+        from llmapp.runtime.files import store
 
         choices = []
         for info in store.list_models(include_all=True):

@@ -54,7 +54,7 @@ class ChatSettings:
     @classmethod
     def for_model(cls, model: str, system: str = "") -> ChatSettings:
         """Defaults from the model's catalog entry where it has them, llama.cpp's otherwise."""
-        from llmapp.runtime import store
+        from llmapp.runtime.files import store
 
         base = cls(system=system)
         try:

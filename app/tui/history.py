@@ -70,7 +70,7 @@ def default_path() -> Path:
     env = os.environ.get(HISTORY_ENV, "").strip()
     if env:
         return Path(env).expanduser().absolute()
-    from llmapp.runtime.store import store_home
+    from llmapp.runtime.files.store import store_home
 
     return store_home() / "chat.db"
 

@@ -255,9 +255,9 @@ def test_perplexity_in_a_log_shows_chunks_and_the_running_value(smollm2_path: Pa
 def test_perplexity_progress_reports_the_runtime_figure(smollm2_path: Path) -> None:
     import argparse
 
-    from llmapp.runtime.model_runner import ModelRunner, RunnerOptions
+    from llmapp.runtime.execution.model_runner import ModelRunner, RunnerOptions
     from llmapp.runtime.perplexity import perplexity
-    from llmapp.runtime.tokenizer import Tokenizer
+    from llmapp.runtime.text.tokenizer import Tokenizer
 
     runner = ModelRunner(smollm2_path, RunnerOptions(ctx_size=64, n_threads=1))
     tokenizer = Tokenizer.from_gguf(runner.gguf)

@@ -13,8 +13,8 @@ import pytest
 from hub_fake import FakeHub, isolate, make_gguf
 
 from llmapp.app.cli import main
-from llmapp.runtime import store
 from llmapp.runtime.errors import LlmappError
+from llmapp.runtime.files import store
 
 FAKE = b"GGUF-not-really" * 100
 FAKE_TOML = """
@@ -308,7 +308,7 @@ def test_url_pull_with_a_wrong_sha256_names_both_hashes(
 def test_interrupted_hub_pull_says_the_partial_is_kept(
     fake_hub: FakeHub, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from llmapp.runtime import download
+    from llmapp.runtime.files import download
 
     def ctrl_c(self: object, force: bool = False) -> None:
         if getattr(self, "done", 0) > 0:

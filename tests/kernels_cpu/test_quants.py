@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from llmapp.kernels_cpu import quants
 from llmapp.kernels_cpu.f16 import bf16_bits_to_f32, f16_array_to_f32
-from llmapp.runtime.ggml_types import TYPE_TRAITS
+from llmapp.runtime.files.ggml_types import TYPE_TRAITS
 
 ALL_TYPES = quants.supported_types()
 

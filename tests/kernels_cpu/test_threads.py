@@ -104,6 +104,6 @@ def test_cpu_list_format() -> None:
 
 
 def test_front_ends_count_as_the_kernels() -> None:
-    from llmapp.runtime.backend import physical_cores
+    from llmapp.runtime.execution.backend import physical_cores
 
     assert physical_cores() == threads.physical_cores()

@@ -1,9 +1,9 @@
-"""Write runtime/unicode_ranges.py from this Python's unicodedata, which must be Unicode 15.1.
+"""Write runtime/text/unicode_ranges.py from this Python's unicodedata, which must be Unicode 15.1.
 
 llama.cpp's pre-tokenizer classifies code points with tables of Unicode 15.1; Python 3.13
 ships the same version, Python 3.11 an older one. Usage, from the repository root:
 
-    python3.13 tests/runtime/gen_unicode_ranges.py > runtime/unicode_ranges.py
+    python3.13 tests/runtime/gen_unicode_ranges.py > runtime/text/unicode_ranges.py
 """
 
 from __future__ import annotations

@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llmapp.runtime.batch import build_batch
-from llmapp.runtime.kv_cache import KVCacheManager, SequenceBlocks
-from llmapp.runtime.model_runner import ModelRunner, RunnerOptions
-from llmapp.runtime.tokenizer import Tokenizer
+from llmapp.runtime.core.batch import build_batch
+from llmapp.runtime.core.kv_cache import KVCacheManager, SequenceBlocks
+from llmapp.runtime.execution.model_runner import ModelRunner, RunnerOptions
+from llmapp.runtime.text.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.real_model
 

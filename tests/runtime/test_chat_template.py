@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 from tokenizer_models import our_tokenizer, peer_vocab
 
-from llmapp.runtime import chat_template
-from llmapp.runtime.chat_template import ChatTemplate, detect_family, encode_prompt
 from llmapp.runtime.errors import TemplateError
-from llmapp.runtime.gguf_file import GGUFFile
-from llmapp.runtime.tokenizer import Tokenizer
+from llmapp.runtime.files.gguf_file import GGUFFile
+from llmapp.runtime.text import chat_template
+from llmapp.runtime.text.chat_template import ChatTemplate, detect_family, encode_prompt
+from llmapp.runtime.text.tokenizer import Tokenizer
 
 Messages = list[dict[str, Any]]
 

@@ -14,10 +14,10 @@ import gguf
 import pytest
 from test_gguf_file import write_tiny_model
 
-from llmapp.runtime.config import ModelConfig, load_config, read_config
 from llmapp.runtime.errors import GGUFError
-from llmapp.runtime.gguf_file import GGUFFile
-from llmapp.runtime.models import ARCHITECTURES
+from llmapp.runtime.execution.config import ModelConfig
+from llmapp.runtime.execution.models import ARCHITECTURES, load_config, read_config
+from llmapp.runtime.files.gguf_file import GGUFFile
 
 VT = gguf.GGUFValueType
 
@@ -246,8 +246,8 @@ def test_opening_and_config_stay_light() -> None:
     # `llmapp show` and the store open files without the kernels, torch or the oracle loading.
     code = (
         "import sys\n"
-        "from llmapp.runtime.config import load_config\n"
-        "from llmapp.runtime.gguf_file import GGUFFile\n"
+        "from llmapp.runtime.execution.models import load_config\n"
+        "from llmapp.runtime.files.gguf_file import GGUFFile\n"
         "print(sorted(m for m in ('numba', 'gguf', 'torch') if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from tokenizer_models import CORPUS, our_tokenizer
 
-from llmapp.runtime.tokenizer import IncrementalDetokenizer, Tokenizer, _gpt2_byte_alphabet
+from llmapp.runtime.text.tokenizer import IncrementalDetokenizer, Tokenizer, _gpt2_byte_alphabet
 
 pytestmark = pytest.mark.real_model
 

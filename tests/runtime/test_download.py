@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from hub_fake import FakeHub, Homes, isolate, make_gguf, sha256, tree
 
-from llmapp.runtime import download as dl
-from llmapp.runtime import store
 from llmapp.runtime.errors import StoreError
+from llmapp.runtime.files import download as dl
+from llmapp.runtime.files import store
 
 FILE = "Tiny-Q4_K_M.gguf"
 ONE_PART = dl.TransferOptions(stall_timeout=0.3, retry_wait=0.01, parts=1)

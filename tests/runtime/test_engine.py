@@ -29,7 +29,7 @@ from llmapp.runtime import (
     RunnerOptions,
     SamplingParams,
 )
-from llmapp.runtime.batch import ForwardBatch
+from llmapp.runtime.core.batch import ForwardBatch
 from llmapp.runtime.errors import GGUFError, ModelNotFoundError
 
 MARGIN = 0.5
@@ -449,10 +449,11 @@ def test_shutdown_ends_streams_in_flight(smollm2_path: Path) -> None:
 
 def test_public_names_load_lazily() -> None:
     code = (
-        "import sys, llmapp.runtime.gguf_file\n"
+        "import sys, llmapp.runtime.files.gguf_file\n"
         "assert 'numpy' not in sys.modules and 'numba' not in sys.modules\n"
         "from llmapp.runtime import Engine, EngineOptions, RunnerOptions, SamplingParams\n"
-        "from llmapp.runtime import Delta, Usage, RequestError, store\n"
+        "from llmapp.runtime import Delta, Usage, RequestError\n"
+        "from llmapp.runtime.files import store\n"
         "import llmapp.runtime as r\n"
         "assert all(getattr(r, n) for n in r.__all__)\n"
     )

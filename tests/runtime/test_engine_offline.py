@@ -20,10 +20,10 @@ from tiny_model import ScriptedRunner, script_next, write_chat_model
 
 from llmapp.runtime import Delta, Engine, EngineOptions, RequestStream, RunnerOptions
 from llmapp.runtime import SamplingParams as SP
-from llmapp.runtime.batch import ForwardBatch
-from llmapp.runtime.compute import ComputeThread
-from llmapp.runtime.engine import EngineStoppedError, QueueFullError
-from llmapp.runtime.model_runner import ModelRunner
+from llmapp.runtime.core.batch import ForwardBatch
+from llmapp.runtime.core.compute import ComputeThread
+from llmapp.runtime.core.engine import EngineStoppedError, QueueFullError
+from llmapp.runtime.execution.model_runner import ModelRunner
 
 PROMPTS = ["hello world", "the cat is a cat", "a", "hello, you and the world!", "it is"]
 

@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from llmapp.runtime.batch import build_batch
-from llmapp.runtime.kv_cache import KVCacheManager, SequenceBlocks
-from llmapp.runtime.model_runner import ModelRunner, RunnerOptions
+from llmapp.runtime.core.batch import build_batch
+from llmapp.runtime.core.kv_cache import KVCacheManager, SequenceBlocks
+from llmapp.runtime.execution.model_runner import ModelRunner, RunnerOptions
 
 pytestmark = [pytest.mark.real_model, pytest.mark.peer]
 
@@ -142,7 +142,7 @@ def test_qwen2_matches_llamacpp(qwen2_path: Path) -> None:
 
 
 def test_our_q2_k_file_matches_llamacpp(qwen2_path: Path, tmp_path_factory: Any) -> None:
-    from llmapp.runtime.quantize import quantize_file
+    from llmapp.runtime.files.quantize import quantize_file
 
     out = tmp_path_factory.mktemp("q2k") / "qwen2.5-coder-0.5b-q2_k.gguf"
     quantize_file(qwen2_path, out, "Q2_K", allow_requantize=True)

@@ -18,9 +18,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llmapp.runtime.config import load_config
 from llmapp.runtime.errors import GGUFError
-from llmapp.runtime.gguf_file import GGUFArray, GGUFFile, GGUFValueType, TensorInfo
+from llmapp.runtime.execution.models import load_config
+from llmapp.runtime.files.gguf_file import GGUFArray, GGUFFile, GGUFValueType, TensorInfo
 
 Q = gguf.GGMLQuantizationType
 VT = gguf.GGUFValueType

@@ -11,7 +11,7 @@ from tiny_model import write_chat_model
 
 from llmapp.runtime import Engine, EngineOptions, RunnerOptions, SamplingParams
 from llmapp.runtime.errors import GGUFError
-from llmapp.runtime.gguf_file import GGUFFile
+from llmapp.runtime.files.gguf_file import GGUFFile
 
 
 @pytest.fixture(scope="module")

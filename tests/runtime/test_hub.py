@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from hub_fake import ACCEPTED_TOKEN, GOOD_TOKEN, FakeHub, Homes, isolate, make_gguf, sha256, tree
 
-from llmapp.runtime import download as dl
-from llmapp.runtime import hub, store
 from llmapp.runtime.errors import ModelNotFoundError, StoreError
+from llmapp.runtime.files import download as dl
+from llmapp.runtime.files import hub, store
 
 REPO = "someone/Tiny-GGUF"
 Q4 = "Tiny-Q4_K_M.gguf"

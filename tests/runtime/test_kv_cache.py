@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from llmapp.runtime.kv_cache import (
+from llmapp.runtime.core.kv_cache import (
     BlockPool,
     KVCacheManager,
     OutOfBlocksError,

@@ -16,7 +16,7 @@ import pytest
 
 import llmapp.kernels_cpu.threads  # noqa: F401  (its OpenMP settings must precede torch's load)
 from llmapp.runtime import Engine, EngineOptions, RunnerOptions
-from llmapp.runtime.sampling import SamplingParams
+from llmapp.runtime.core.sampling import SamplingParams
 
 pytestmark = pytest.mark.real_model
 torch = pytest.importorskip("torch")

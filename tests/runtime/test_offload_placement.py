@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from llmapp.runtime import placement
-from llmapp.runtime.backend import GPU_INSTALL_HINT, find_offload_device
-from llmapp.runtime.gguf_file import GGUFFile
-from llmapp.runtime.model_runner import ModelRunner, RunnerOptions
+from llmapp.runtime.execution import placement
+from llmapp.runtime.execution.backend import GPU_INSTALL_HINT, find_offload_device
+from llmapp.runtime.execution.model_runner import ModelRunner, RunnerOptions
+from llmapp.runtime.files.gguf_file import GGUFFile
 
 CTX = 64
 
@@ -87,7 +87,7 @@ def test_auto_picks_what_the_estimate_says(
     margin = 64 << 20
     options = RunnerOptions(ctx_size=CTX, n_threads=1, n_gpu_layers="auto", gpu_margin=margin)
     with GGUFFile(smollm2_path) as gguf:
-        from llmapp.runtime.config import load_config
+        from llmapp.runtime.execution.models import load_config
 
         cfg = load_config(gguf)
         costs = placement.layer_costs(gguf, cfg, CTX // options.block_size, options.block_size)

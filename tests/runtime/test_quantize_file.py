@@ -17,9 +17,9 @@ from bench_loader import load_benchmark
 
 from llmapp.app.cli import main
 from llmapp.runtime.errors import LlmappError
-from llmapp.runtime.ggml_types import GGMLType as G
-from llmapp.runtime.gguf_file import GGUFFile
-from llmapp.runtime.quantize import (
+from llmapp.runtime.files.ggml_types import GGMLType as G
+from llmapp.runtime.files.gguf_file import GGUFFile
+from llmapp.runtime.files.quantize import (
     FILE_TYPES,
     ModelFacts,
     QuantizeError,
@@ -262,7 +262,7 @@ def test_requantize_refused_then_allowed(models: dict[str, Path], tmp_path: Path
 
 
 def test_metadata_edge_values_survive(tmp_path: Path) -> None:
-    from llmapp.runtime.quantize import _writer_class
+    from llmapp.runtime.files.quantize import _writer_class
 
     src = tmp_path / "edge.gguf"
     w = _writer_class()(str(src), "llama")
@@ -310,7 +310,7 @@ def test_clear_errors(models: dict[str, Path], tmp_path: Path) -> None:
 def test_disk_full_leaves_nothing(
     models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from llmapp.runtime import quantize as rq
+    from llmapp.runtime.files import quantize as rq
 
     def full(self: Any, tensor: Any, *args: Any) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -10,8 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmapp.runtime.errors import LlmappError
-from llmapp.runtime.sampling import (
+from llmapp.runtime.core.sampling import (
     Candidates,
     SamplingError,
     SamplingParams,
@@ -33,6 +32,7 @@ from llmapp.runtime.sampling import (
     top_logprobs,
     top_p,
 )
+from llmapp.runtime.errors import LlmappError
 
 # probabilities 0.1, 0.2, 0.3, 0.4 for tokens 0..3
 P4 = np.log(np.array([0.1, 0.2, 0.3, 0.4])).astype(np.float32)

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmapp.runtime.kv_cache import KVCacheManager
-from llmapp.runtime.scheduler import (
+from llmapp.runtime.core.kv_cache import KVCacheManager
+from llmapp.runtime.core.scheduler import (
     ScheduledStep,
     Scheduler,
     SchedulerConfig,

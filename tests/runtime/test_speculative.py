@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from tiny_model import CyclingRunner, ScriptedRunner, write_chat_model
 
 from llmapp.runtime import Engine, EngineOptions, RunnerOptions, SamplingParams
-from llmapp.runtime.speculative import DraftBudget, ngram_draft
+from llmapp.runtime.core.speculative import DraftBudget, ngram_draft
 
 
 def test_drafts_follow_the_latest_occurrence_of_the_longest_ngram() -> None:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from llmapp.runtime import hub, store
 from llmapp.runtime.errors import ModelNotFoundError, StoreError
+from llmapp.runtime.files import hub, store
 
 PART1 = b"GGUF" + bytes(range(256)) * 40
 PART2 = bytes(reversed(range(256))) * 33 + b"tail"

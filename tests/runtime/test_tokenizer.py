@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llmapp.runtime.errors import TokenizerError
-from llmapp.runtime.pretokenize import PreTokenizer, pre_tokenizer_spec, translate
-from llmapp.runtime.tokenizer import (
+from llmapp.runtime.text.pretokenize import PreTokenizer, pre_tokenizer_spec, translate
+from llmapp.runtime.text.tokenizer import (
     IncrementalDetokenizer,
     Tokenizer,
     _gpt2_byte_alphabet,
@@ -308,7 +308,7 @@ def test_unicode_tables_are_current() -> None:
     import unicodedata
     from pathlib import Path
 
-    from llmapp.runtime import unicode_ranges
+    from llmapp.runtime.text import unicode_ranges
 
     assert unicode_ranges.UNICODE_VERSION == "15.1.0"  # the version of llama.cpp's tables
     if unicodedata.unidata_version != unicode_ranges.UNICODE_VERSION:

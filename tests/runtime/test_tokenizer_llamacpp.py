@@ -19,9 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tokenizer_models import CORPUS, our_tokenizer, peer_vocab
 
-from llmapp.runtime.gguf_file import GGUFFile
-from llmapp.runtime.pretokenize import _FAMILIES
-from llmapp.runtime.tokenizer import Tokenizer
+from llmapp.runtime.files.gguf_file import GGUFFile
+from llmapp.runtime.text.pretokenize import _FAMILIES
+from llmapp.runtime.text.tokenizer import Tokenizer
 
 llama_cpp = pytest.importorskip("llama_cpp")
 pytestmark = [pytest.mark.real_model, pytest.mark.peer]

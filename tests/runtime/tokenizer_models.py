@@ -7,8 +7,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from llmapp.runtime.gguf_file import GGUFFile
-from llmapp.runtime.tokenizer import Tokenizer
+from llmapp.runtime.files.gguf_file import GGUFFile
+from llmapp.runtime.text.tokenizer import Tokenizer
 
 
 @cache

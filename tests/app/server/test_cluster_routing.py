@@ -27,7 +27,7 @@ from llmapp.app.server.cluster import (
     routing_ids,
 )
 from llmapp.app.server.pool import PoolConfig
-from llmapp.runtime.kv_cache import KVCacheManager, SequenceBlocks
+from llmapp.runtime.core.kv_cache import KVCacheManager, SequenceBlocks
 
 
 def keys(*names: str) -> tuple[bytes, ...]:
@@ -143,9 +143,9 @@ def test_policy_for_capacity() -> None:
 
 @pytest.fixture(scope="module")
 def smol_text(smollm2_path: Path) -> SimpleNamespace:
-    from llmapp.runtime.chat_template import ChatTemplate
-    from llmapp.runtime.gguf_file import GGUFFile
-    from llmapp.runtime.tokenizer import Tokenizer
+    from llmapp.runtime.files.gguf_file import GGUFFile
+    from llmapp.runtime.text.chat_template import ChatTemplate
+    from llmapp.runtime.text.tokenizer import Tokenizer
 
     with GGUFFile(smollm2_path) as gguf:
         return SimpleNamespace(
@@ -155,7 +155,7 @@ def smol_text(smollm2_path: Path) -> SimpleNamespace:
 
 @pytest.mark.real_model
 def test_routing_ids_are_the_engines_prompt_ids(smol_text: SimpleNamespace) -> None:
-    from llmapp.runtime.engine import Engine
+    from llmapp.runtime.core.engine import Engine
 
     messages = [
         {"role": "developer", "content": "Be brief."},
@@ -226,7 +226,7 @@ def test_parse_autoscale_and_names() -> None:
 
 def snapshot(running: int, hits: int) -> dict[str, object]:
     """An engine's metrics snapshot, as a replica reports it."""
-    from llmapp.runtime.metrics import EngineMetrics
+    from llmapp.runtime.core.metrics import EngineMetrics
 
     prefix = {"queries": 1, "query_tokens": 100, "hit_tokens": hits, "cached_blocks": 4}
     snap = EngineMetrics().snapshot(running=running, waiting=0, kv_usage=0.1, prefix=prefix)

@@ -19,9 +19,9 @@ from llmapp.app.server.tools import (
     plan,
     split_reply,
 )
-from llmapp.runtime.constrain import Constraint
-from llmapp.runtime.gguf_file import GGUFFile
-from llmapp.runtime.tokenizer import Tokenizer
+from llmapp.runtime.files.gguf_file import GGUFFile
+from llmapp.runtime.text.constrain import Constraint
+from llmapp.runtime.text.tokenizer import Tokenizer
 
 FUNCTIONS = {
     "add": {"name": "add", "parameters": {"type": "object", "properties": {

@@ -135,7 +135,7 @@ def screen_text(app: Any) -> str:
 
 def catalog_entry_toml(name: str, defaults: dict[str, Any]) -> str:
     """A user models.toml that re-declares shipped model `name` with other [defaults]."""
-    from llmapp.runtime import store
+    from llmapp.runtime.files import store
 
     entry = store.catalog()[name]
     lines = [

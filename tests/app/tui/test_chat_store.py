@@ -22,7 +22,7 @@ from llmapp.app.tui.backend import Cancel, EngineBackend, PullCancelled
 from llmapp.app.tui.dialogs import ModelPicker
 from llmapp.app.tui.history import History
 from llmapp.app.tui.widgets import PullBar
-from llmapp.runtime import store
+from llmapp.runtime.files import store
 
 DATA = b"not a gguf file, " * 256
 

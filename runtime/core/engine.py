@@ -22,26 +22,26 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from llmapp.runtime.batch import ForwardBatch, build_batch
-from llmapp.runtime.chat_template import ChatTemplate, encode_prompt
-from llmapp.runtime.compute import ComputeThread
-from llmapp.runtime.constrain import Constraint, grammar_for
-from llmapp.runtime.errors import GGUFError, LlmappError
-from llmapp.runtime.gguf_file import GGUFFile
-from llmapp.runtime.kv_cache import KVCacheManager
-from llmapp.runtime.metrics import EngineMetrics
-from llmapp.runtime.model_runner import ModelRunner, RunnerOptions
-from llmapp.runtime.sampling import SamplingParams, StopMatcher, check_finish, make_sampler
-from llmapp.runtime.scheduler import (
+from llmapp.runtime.core.batch import ForwardBatch, build_batch
+from llmapp.runtime.core.compute import ComputeThread
+from llmapp.runtime.core.kv_cache import KVCacheManager
+from llmapp.runtime.core.metrics import EngineMetrics
+from llmapp.runtime.core.sampling import SamplingParams, StopMatcher, check_finish, make_sampler
+from llmapp.runtime.core.scheduler import (
     ScheduledStep,
     Scheduler,
     SchedulerConfig,
     SeqStatus,
     Sequence,
 )
-from llmapp.runtime.speculative import DraftBudget, ngram_draft
-from llmapp.runtime.store import entry_for_path, resolve_model
-from llmapp.runtime.tokenizer import IncrementalDetokenizer, Tokenizer
+from llmapp.runtime.core.speculative import DraftBudget, ngram_draft
+from llmapp.runtime.errors import GGUFError, LlmappError
+from llmapp.runtime.execution.model_runner import ModelRunner, RunnerOptions
+from llmapp.runtime.files.gguf_file import GGUFFile
+from llmapp.runtime.files.store import entry_for_path, resolve_model
+from llmapp.runtime.text.chat_template import ChatTemplate, encode_prompt
+from llmapp.runtime.text.constrain import Constraint, grammar_for
+from llmapp.runtime.text.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
 class RequestError(LlmappError):
@@ -289,7 +289,7 @@ def _describe(exc: BaseException) -> tuple[str, str]:
 class Engine:
     """Owns one model. Safe to call from any thread or event loop.
 
-    Steps run on the process's one compute thread (runtime/compute.py), shared by every
+    Steps run on the process's one compute thread (runtime/core/compute.py), shared by every
     loaded model; each engine's state is touched only there, apart from the inbox.
     """
 
@@ -691,7 +691,7 @@ class Engine:
                 self._fail([seq], exc)
             row += n_rows
 
-    # ---- speculative decoding (runtime/speculative.py) -------------------------------------
+    # ---- speculative decoding (runtime/core/speculative.py) -------------------------------------
 
     def _propose_drafts(self) -> None:
         """Append n-gram drafts to each decoding sequence; the step verifies them."""

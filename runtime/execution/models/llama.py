@@ -5,16 +5,22 @@ from __future__ import annotations
 from itertools import accumulate
 from typing import TYPE_CHECKING, Any
 
-from ..config import ModelConfig, build_config, check_tensors, read_hparams, standard_tensor_shapes
-from ..errors import GGUFError
-from ..gguf_file import GGUFFile
+from llmapp.runtime.errors import GGUFError
+from llmapp.runtime.execution.config import (
+    ModelConfig,
+    build_config,
+    check_tensors,
+    read_hparams,
+    standard_tensor_shapes,
+)
+from llmapp.runtime.files.gguf_file import GGUFFile
 
 if TYPE_CHECKING:  # the forward pass needs no import at config time
     from numpy import ndarray as Array
 
-    from ..backend import Backend, LayerBackends
-    from ..batch import ForwardBatch
-    from ..weights import Weights
+    from llmapp.runtime.core.batch import ForwardBatch
+    from llmapp.runtime.execution.backend import Backend, LayerBackends
+    from llmapp.runtime.execution.weights import Weights
 
 # -- config ----------------------------------------------------------------------------------
 
@@ -52,7 +58,7 @@ def projections(
     instead of copying each.
     """
     if fused not in layer:
-        from .. import weights as w
+        from llmapp.runtime.execution import weights as w
 
         return [_project(be, h, layer, name) for name in w.FUSIONS[fused]]
     from numpy import split  # not at the top: reading a config must stay light
@@ -98,7 +104,7 @@ def forward(
     backends: LayerBackends,
 ) -> Array:
     """Logits [len(batch.logits_rows), n_vocab] for a batch of sequences."""
-    from ..backend import move
+    from llmapp.runtime.execution.backend import move
 
     be = backends.embed
     emb = weights.token_embd
@@ -115,7 +121,7 @@ def forward(
 
 def output_head(cfg: ModelConfig, weights: Weights, x: Array, src: Backend, be: Backend) -> Array:
     """Logits as a host array; x [R, n_embd] arrives from the last block's backend `src`."""
-    from ..backend import move
+    from llmapp.runtime.execution.backend import move
 
     h = be.rms_norm(move(x, src, be), weights.output_norm, cfg.norm_eps)
     return be.to_host(be.matmul(h, weights.output))

@@ -15,7 +15,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmapp.runtime.kv_cache import KVCacheManager, SequenceBlocks
+from llmapp.runtime.core.kv_cache import KVCacheManager, SequenceBlocks
 
 
 class SeqStatus(enum.Enum):

@@ -10,7 +10,7 @@ Cache layout (the one huggingface_hub reads and writes):
     $HF_HUB_CACHE/.locks/models--USER--REPO/<sha256>.lock
 
 huggingface_hub reads its environment once, when it is imported, keeps no partial download
-across runs and does not check sha256, so the transfer is ours (runtime/download.py) and the
+across runs and does not check sha256, so the transfer is ours (runtime/files/download.py) and the
 environment is read here on every call; the names of the headers are the library's.
 """
 
@@ -28,8 +28,8 @@ from urllib.parse import quote
 
 from huggingface_hub import constants as hf_constants
 
-from llmapp.runtime import download as dl
 from llmapp.runtime.errors import StoreError
+from llmapp.runtime.files import download as dl
 
 if TYPE_CHECKING:
     import httpx

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..config import (
+from llmapp.runtime.execution.config import (
     ModelConfig,
     build_config,
     check_tensors,
@@ -10,8 +10,8 @@ from ..config import (
     read_hparams,
     standard_tensor_shapes,
 )
-from ..gguf_file import GGUFFile
-from .llama import forward
+from llmapp.runtime.execution.models.llama import forward
+from llmapp.runtime.files.gguf_file import GGUFFile
 
 __all__ = ["ARCH", "config_from_gguf", "forward"]  # forward: llama's, biases come with the weights
 

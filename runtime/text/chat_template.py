@@ -30,11 +30,11 @@ import jinja2.nodes
 from jinja2.compiler import CodeGenerator, Frame
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
-from .errors import TemplateError
+from llmapp.runtime.errors import TemplateError
 
 if TYPE_CHECKING:
-    from .gguf_file import GGUFFile
-    from .tokenizer import Tokenizer
+    from llmapp.runtime.files.gguf_file import GGUFFile
+    from llmapp.runtime.text.tokenizer import Tokenizer
 
 MAX_OUTPUT_CHARS = 4 << 20  # far beyond any context window; stops runaway templates
 MAX_CALL_DEPTH = 64

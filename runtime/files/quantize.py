@@ -24,13 +24,13 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import LlmappError
-from .ggml_types import TYPE_TRAITS, GGMLType, type_name
+from llmapp.runtime.errors import LlmappError
+from llmapp.runtime.files.ggml_types import TYPE_TRAITS, GGMLType, type_name
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from .gguf_file import GGUFFile
+    from llmapp.runtime.files.gguf_file import GGUFFile
 
 
 class QuantizeError(LlmappError):
@@ -405,7 +405,7 @@ def quantize_file(
     allow_requantize: accept already-quantized weights (dequantized first; quality suffers).
     The input is only read. `dst` appears only when complete; on any error nothing is left.
     """
-    from .gguf_file import GGUFFile
+    from llmapp.runtime.files.gguf_file import GGUFFile
 
     started = time.perf_counter()
     ft = file_type(ftype)
@@ -619,7 +619,7 @@ def _make_writer(path: Path, reader: GGUFFile, ft: FileType) -> Any:
 
 
 def _copy_key(writer: Any, reader: GGUFFile, key: str, value: Any) -> None:
-    from .gguf_file import GGUFArray, GGUFValueType
+    from llmapp.runtime.files.gguf_file import GGUFArray, GGUFValueType
 
     vtype = reader.value_type(key)
     if not isinstance(value, GGUFArray):

@@ -26,7 +26,7 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
-from .errors import LlmappError
+from llmapp.runtime.errors import LlmappError
 
 FloatArray = npt.NDArray[np.float32]
 IdArray = npt.NDArray[np.int64]
@@ -80,7 +80,7 @@ class SamplingParams:
     logit_bias maps token id -> value in [-100, 100], added to the logit; -100 bans the token.
     max_tokens None means no limit here (the context size still bounds a request).
     json_schema (a schema, or True for any JSON object), grammar (Lark, or GBNF when it has
-    `::=`) and regex constrain the output (runtime/constrain.py); at most one of them.
+    `::=`) and regex constrain the output (runtime/text/constrain.py); at most one of them.
     """
 
     temperature: float = 0.8

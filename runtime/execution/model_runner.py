@@ -18,23 +18,23 @@ from typing import Any
 
 import numpy as np
 
-from llmapp.runtime import placement
-from llmapp.runtime.backend import (
+from llmapp.runtime.core.batch import ForwardBatch
+from llmapp.runtime.execution import placement
+from llmapp.runtime.execution.backend import (
     Backend,
     LayerBackends,
     TorchBackend,
     find_offload_device,
     make_backend,
 )
-from llmapp.runtime.batch import ForwardBatch
-from llmapp.runtime.config import ModelConfig, load_config
-from llmapp.runtime.gguf_file import GGUFFile
-from llmapp.runtime.models import ARCHITECTURES
-from llmapp.runtime.placement import NGpuLayers, OffloadInfo
-from llmapp.runtime.weights import Weights, load_weights
+from llmapp.runtime.execution.config import ModelConfig
+from llmapp.runtime.execution.models import ARCHITECTURES, load_config
+from llmapp.runtime.execution.placement import NGpuLayers, OffloadInfo
+from llmapp.runtime.execution.weights import Weights, load_weights
+from llmapp.runtime.files.gguf_file import GGUFFile
 
 log = logging.getLogger("llmapp.runtime")
-COMPUTE_THREAD_NAME = "llmapp-compute"  # runtime/compute.py's thread
+COMPUTE_THREAD_NAME = "llmapp-compute"  # runtime/core/compute.py's thread
 EXIT_WAIT_S = 2.0
 
 
@@ -79,7 +79,7 @@ class ModelRunner:
         self.load_seconds = time.perf_counter() - start
 
     def _place(self) -> LayerBackends:
-        """Each layer's backend from --n-gpu-layers (runtime/placement.py has the rules)."""
+        """Each layer's backend from --n-gpu-layers (placement.py has the rules)."""
         cfg, request = self.config, self.options.n_gpu_layers
         n_layer = cfg.n_layer
         on_cpu = LayerBackends(self.backend, [self.backend] * n_layer, self.backend)

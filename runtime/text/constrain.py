@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from llmapp.runtime.errors import LlmappError
-from llmapp.runtime.tokenizer import Tokenizer
+from llmapp.runtime.text.tokenizer import Tokenizer
 
 
 class ConstraintError(LlmappError, ValueError):

@@ -7,7 +7,7 @@ block and the head, n_layer + 1 slots). The token embedding always stays on the 
 `auto` fits slots in that order while the device's free memory, less a margin and the compute
 buffers, holds their packed weights (GGUF tensor sizes: the device keeps the file's bytes) and
 their KV blocks; it stops at the first slot that does not fit, so the offloaded blocks stay a
-contiguous tail. No torch here: the device and its free memory come from runtime/backend.py.
+contiguous tail. No torch here: the device and its free memory come from backend.py.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import os
 import re
 from dataclasses import dataclass
 
-from .config import ModelConfig
-from .errors import LlmappError
-from .gguf_file import GGUFFile
+from llmapp.runtime.errors import LlmappError
+from llmapp.runtime.execution.config import ModelConfig
+from llmapp.runtime.files.gguf_file import GGUFFile
 
 GiB = 1 << 30
 MiB = 1 << 20

@@ -1,6 +1,6 @@
 """Typed model config built from GGUF metadata, one small reader per architecture.
 
-`load_config` dispatches on `general.architecture` to runtime/models/<arch>.py; each of those
+`models.load_config` dispatches on `general.architecture` to models/<arch>.py; each of those
 reads its own keys, applies its quirks and checks its tensors, using the shared helpers here
 (`read_hparams`, `standard_tensor_shapes`, `check_tensors`, `build_config`), so a fourth
 architecture is one short new file.
@@ -11,12 +11,11 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
-from .errors import GGUFError
-from .ggml_types import type_name
-from .gguf_file import GGUFArray, GGUFFile
+from llmapp.runtime.errors import GGUFError
+from llmapp.runtime.files.ggml_types import type_name
+from llmapp.runtime.files.gguf_file import GGUFArray, GGUFFile
 
 ROPE_TYPES = ("normal", "neox")
 ACTIVATIONS = ("silu", "gelu_tanh")
@@ -136,29 +135,7 @@ def _check_positive_float(config: ModelConfig, field_name: str) -> None:
         raise ValueError(f"{field_name} must be a positive finite number, got {value!r}")
 
 
-# -- loading ---------------------------------------------------------------------------------
-
-
-def load_config(gguf: GGUFFile) -> ModelConfig:
-    """The checked config of an opened GGUF file; GGUFError when it is not a model we run."""
-    from .models import ARCHITECTURES  # late: the arch modules import this module
-
-    arch = gguf.require("general.architecture", str)
-    module = ARCHITECTURES.get(arch)
-    if module is None:
-        supported = ", ".join(sorted(ARCHITECTURES))
-        raise GGUFError(gguf.path, f"unsupported architecture {arch!r} (supported: {supported})")
-    config: ModelConfig = module.config_from_gguf(gguf)
-    return config
-
-
-def read_config(path: str | Path) -> ModelConfig:
-    """Open, read the config, close: for callers that need only the metadata."""
-    with GGUFFile(path) as gguf:
-        return load_config(gguf)
-
-
-# -- helpers for runtime/models/<arch>.py ----------------------------------------------------
+# -- helpers for models/<arch>.py ---------------------------------------------------------------
 
 
 def read_hparams(gguf: GGUFFile, arch: str, *, rope_base_default: float = 10000.0) -> HParams:

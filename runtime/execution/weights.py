@@ -11,11 +11,11 @@ from typing import Any
 
 import numpy as np
 
-from llmapp.runtime.backend import Backend
-from llmapp.runtime.config import ModelConfig
 from llmapp.runtime.errors import GGUFError
-from llmapp.runtime.ggml_types import GGMLType
-from llmapp.runtime.gguf_file import GGUFFile
+from llmapp.runtime.execution.backend import Backend
+from llmapp.runtime.execution.config import ModelConfig
+from llmapp.runtime.files.ggml_types import GGMLType
+from llmapp.runtime.files.gguf_file import GGUFFile
 
 
 @dataclass(frozen=True)

@@ -25,11 +25,11 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .errors import TokenizerError
-from .pretokenize import PreTokenizer, pre_tokenizer_spec
+from llmapp.runtime.errors import TokenizerError
+from llmapp.runtime.text.pretokenize import PreTokenizer, pre_tokenizer_spec
 
 if TYPE_CHECKING:
-    from .gguf_file import GGUFFile
+    from llmapp.runtime.files.gguf_file import GGUFFile
 
 # llama.cpp token attributes (bit flags), derived from tokenizer.ggml.token_type.
 ATTR_UNKNOWN = 1

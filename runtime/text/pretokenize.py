@@ -18,8 +18,8 @@ import re
 from dataclasses import dataclass
 from functools import cache
 
-from .errors import TokenizerError
-from .unicode_ranges import CATEGORY_RANGES
+from llmapp.runtime.errors import TokenizerError
+from llmapp.runtime.text.unicode_ranges import CATEGORY_RANGES
 
 # Unicode White_Space: what llama.cpp means by \s (and what its std::regex fallback sees as
 # whitespace once non-ASCII spaces are folded to \v).

@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
-from ..config import (
+from llmapp.runtime.errors import GGUFError
+from llmapp.runtime.execution.config import (
     HParams,
     ModelConfig,
     build_config,
@@ -14,16 +15,15 @@ from ..config import (
     read_hparams,
     standard_tensor_shapes,
 )
-from ..errors import GGUFError
-from ..gguf_file import GGUFArray, GGUFFile
-from .llama import attention_block, output_head, projections
+from llmapp.runtime.execution.models.llama import attention_block, output_head, projections
+from llmapp.runtime.files.gguf_file import GGUFArray, GGUFFile
 
 if TYPE_CHECKING:
     from numpy import ndarray as Array
 
-    from ..backend import LayerBackends
-    from ..batch import ForwardBatch
-    from ..weights import Weights
+    from llmapp.runtime.core.batch import ForwardBatch
+    from llmapp.runtime.execution.backend import LayerBackends
+    from llmapp.runtime.execution.weights import Weights
 
 # -- config ----------------------------------------------------------------------------------
 
@@ -104,7 +104,7 @@ def forward(
     backends: LayerBackends,
 ) -> Array:
     """Logits [len(batch.logits_rows), n_vocab] for a batch of sequences."""
-    from ..backend import move
+    from llmapp.runtime.execution.backend import move
 
     be = backends.embed
     emb = weights.token_embd

@@ -24,8 +24,8 @@ from pathlib import Path
 from types import MappingProxyType, TracebackType
 from typing import TYPE_CHECKING, Any, overload
 
-from .errors import GGUFError
-from .ggml_types import TYPE_TRAITS, type_name
+from llmapp.runtime.errors import GGUFError
+from llmapp.runtime.files.ggml_types import TYPE_TRAITS, type_name
 
 if TYPE_CHECKING:
     import numpy as np

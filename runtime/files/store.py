@@ -37,10 +37,10 @@ from urllib.parse import quote, unquote, urlsplit
 
 import platformdirs
 
-from llmapp.runtime import download as dl
-from llmapp.runtime import hub
-from llmapp.runtime.download import DiskFullError, ProgressFn, TransferOptions
 from llmapp.runtime.errors import ModelNotFoundError, StoreError
+from llmapp.runtime.files import download as dl
+from llmapp.runtime.files import hub
+from llmapp.runtime.files.download import DiskFullError, ProgressFn, TransferOptions
 
 __all__ = ["DiskFullError", "ProgressFn", "TransferOptions"]  # re-exported for front ends
 
@@ -393,8 +393,8 @@ def _load_catalog_file(path: Path) -> Catalog:
 
 def shipped_catalog_path() -> Path:
     # llmapp is a namespace package in an editable install, so locate the file from this real
-    # subpackage: runtime/../models.toml is the repo root (editable) or llmapp/ (wheel).
-    return Path(__file__).parent.parent / "models.toml"
+    # subpackage: runtime/files/../../models.toml is the repo root (editable) or llmapp/ (wheel).
+    return Path(__file__).parents[2] / "models.toml"
 
 
 def user_catalog_path() -> Path:

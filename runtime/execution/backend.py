@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from llmapp.runtime.batch import ForwardBatch
+from llmapp.runtime.core.batch import ForwardBatch
 
 
 class Backend(Protocol):
@@ -352,7 +352,7 @@ def find_offload_device(wanted: bool) -> OffloadDevice:
     first CUDA device. Without torch an explicit request is an error with the install line;
     without a CUDA device the layers stay on the CPU with a warning.
     """
-    from llmapp.runtime import placement
+    from llmapp.runtime.execution import placement
 
     if not wanted:
         return OffloadDevice(None, None)
