@@ -204,14 +204,22 @@ def runner_options(args: argparse.Namespace, ctx_size: int, threads: int | None)
     )
 
 
+RUN_MAX_TOKENS = 512
+"""`run`'s reply length when neither --max-tokens nor the model's catalog entry sets one."""
+
+
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=40)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--min-p", type=float, default=0.05)
-    p.add_argument("--repeat-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--max-tokens", type=int, default=512)
+    # None = not given: the model's catalog [defaults] apply, then llama.cpp's (SamplingParams).
+    g = p.add_argument_group("sampling (default: the model's catalog defaults, else llama.cpp's)")
+    g.add_argument("--temperature", type=float, default=None, help="0 = greedy (default 0.8)")
+    g.add_argument("--top-k", type=int, default=None, help="0 = off (default 40)")
+    g.add_argument("--top-p", type=float, default=None, help="1 = off (default 0.95)")
+    g.add_argument("--min-p", type=float, default=None, help="0 = off (default 0.05)")
+    g.add_argument("--repeat-penalty", type=float, default=None, help="1 = off (default 1.0)")
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument(
+        "--max-tokens", type=int, default=None, help=f"reply length (default {RUN_MAX_TOKENS})"
+    )
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
@@ -308,19 +316,23 @@ def read_prompt(args: argparse.Namespace) -> str:
 
 
 def sampling_params(args: argparse.Namespace) -> Any:
+    """The flags given over the model's catalog defaults over llama.cpp's."""
     from llmapp.runtime.core.sampling import SamplingParams
+    from llmapp.runtime.files.store import catalog_defaults
 
-    return SamplingParams(
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        min_p=args.min_p,
-        repeat_penalty=args.repeat_penalty,
-        seed=args.seed,
-        max_tokens=args.max_tokens,
-        stop=tuple(args.stop),
+    explicit = {
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "min_p": args.min_p,
+        "repeat_penalty": args.repeat_penalty,
+        "seed": args.seed,
+        "max_tokens": args.max_tokens,
+        "stop": tuple(args.stop) or None,
         **constraint_options(args),
-    )
+    }
+    fallback = {"max_tokens": RUN_MAX_TOKENS}
+    return SamplingParams.layered(fallback, catalog_defaults(args.model), explicit)
 
 
 def constraint_options(args: argparse.Namespace) -> dict[str, Any]:

@@ -51,22 +51,15 @@ def sampling_params(
     """The request's fields over the catalog's defaults over llama.cpp's."""
     if body.n is not None and body.n > 1:
         raise APIError(400, "n > 1 is not supported; send n requests", param="n")
-    values: dict[str, Any] = {}
-    defaults = model.defaults
-    for name in ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "max_tokens"):
-        value = getattr(defaults, name, None) if defaults is not None else None
-        if value is not None:
-            values[name] = value
-    values.update({k: getattr(body, k) for k in _PARAM_FIELDS if getattr(body, k) is not None})
+    values: dict[str, Any] = {k: getattr(body, k) for k in _PARAM_FIELDS}
     if max_tokens is not None:
         values["max_tokens"] = max_tokens
     values["logit_bias"] = _logit_bias(body.logit_bias, model.engine.tokenizer.n_vocab)
     values["stop"] = body.stop or ()
     values.update(_constraint_fields(body))
     try:
-        return SamplingParams(
-            **values, logprobs=logprobs, top_logprobs=top_logprobs, ignore_eos=body.ignore_eos
-        )
+        values.update(logprobs=logprobs, top_logprobs=top_logprobs, ignore_eos=body.ignore_eos)
+        return SamplingParams.layered(model.defaults, values)
     except SamplingError as exc:
         raise APIError(400, str(exc)) from None
 

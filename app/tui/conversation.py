@@ -57,9 +57,8 @@ class ChatSettings:
         from llmapp.runtime.files import store
 
         base = cls(system=system)
-        try:
-            defaults = store.catalog()[model].defaults
-        except (KeyError, LlmappError):
+        defaults = store.catalog_defaults(model)
+        if defaults is None:
             return base  # a path, a remote model, or an unreadable catalog: plain defaults
         chosen = {
             f.name: getattr(defaults, f.name)
@@ -84,14 +83,7 @@ class ChatSettings:
     def sampling_params(self) -> Any:
         from llmapp.runtime import SamplingParams
 
-        return SamplingParams(
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            min_p=self.min_p,
-            max_tokens=self.max_tokens,
-            seed=self.seed,
-        )
+        return SamplingParams.layered(self)  # the settings start from the catalog's defaults
 
 
 @dataclass

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import lru_cache, partial
 from typing import Any, Literal, NamedTuple
 
@@ -108,6 +108,28 @@ class SamplingParams:
         return any(
             x is not None and x is not False for x in (self.json_schema, self.grammar, self.regex)
         )
+
+    @classmethod
+    def layered(cls, *layers: object) -> SamplingParams:
+        """Settings from layers of increasing precedence over this class's own defaults.
+
+        A layer is a mapping or an object with some of the fields as attributes (the catalog's
+        per-model SamplingDefaults, the chat's settings); a missing or None value leaves the
+        layer below it. This is how `run`, `serve` and `chat` put the user's explicit values over
+        a model's catalog defaults over llama.cpp's.
+        """
+        values: dict[str, Any] = {}
+        for layer in layers:
+            if layer is None:
+                continue
+            for f in fields(cls):
+                if isinstance(layer, Mapping):
+                    value = layer.get(f.name)
+                else:
+                    value = getattr(layer, f.name, None)
+                if value is not None:
+                    values[f.name] = value
+        return cls(**values)
 
     def __post_init__(self) -> None:
         try:

@@ -77,6 +77,9 @@ def load_weights(
         output=pack_matrix(gguf, head, head_be),
     )
     for il in range(cfg.n_layer):
+        # What is packed so far (the head, earlier blocks) is read from our copies now: its
+        # pages of the map go, so the map never holds more than about one block resident.
+        gguf.release_pages()
         layer_be = layer_backends[il] if layer_backends is not None else backend
         prefix = f"blk.{il}."
         layer: dict[str, Any] = {}

@@ -37,7 +37,7 @@ from urllib.parse import quote, unquote, urlsplit
 
 import platformdirs
 
-from llmapp.runtime.errors import ModelNotFoundError, StoreError
+from llmapp.runtime.errors import LlmappError, ModelNotFoundError, StoreError
 from llmapp.runtime.files import download as dl
 from llmapp.runtime.files import hub
 from llmapp.runtime.files.download import DiskFullError, ProgressFn, TransferOptions
@@ -413,6 +413,16 @@ def load_catalog() -> Catalog:
     if default is not None and default not in entries:
         raise CatalogError(f"default model {default!r} is not in the catalog")
     return Catalog(entries, default)
+
+
+def catalog_defaults(name: str) -> SamplingDefaults | None:
+    """The catalog's sampling defaults for a model name; None for a path, an unknown name or an
+    unreadable catalog (the caller then starts from the engine's own defaults)."""
+    try:
+        entry = catalog().get(name)
+    except LlmappError:
+        return None
+    return entry.defaults if entry is not None else None
 
 
 def catalog() -> dict[str, CatalogEntry]:

@@ -4,6 +4,7 @@ sampler, then stop strings (with a property test on arbitrary splits)."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -506,3 +507,17 @@ def test_stop_matcher_property(text: str, stops: list[str], cuts: list[int]) -> 
     expected, expect_stop = _reference_cut(text, stops)
     assert (emitted, stopped) == (expected, expect_stop)
     assert not any(s in emitted for s in stops)
+
+
+def test_layered_puts_later_layers_over_earlier_ones_and_skips_none() -> None:
+    @dataclass
+    class Catalog:  # the shape of the catalog's SamplingDefaults
+        temperature: float | None = 0.2
+        top_k: int | None = None
+        max_tokens: int | None = 7
+
+    p = SamplingParams.layered({"max_tokens": 512, "top_p": 0.5}, Catalog(), {"top_k": 3})
+    assert (p.temperature, p.top_k, p.top_p, p.max_tokens) == (0.2, 3, 0.5, 7)
+    q = SamplingParams.layered(None, Catalog(), {"temperature": None, "max_tokens": 2})
+    assert (q.temperature, q.max_tokens, q.min_p) == (0.2, 2, SamplingParams().min_p)
+    assert SamplingParams.layered() == SamplingParams()
