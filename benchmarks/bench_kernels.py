@@ -10,7 +10,9 @@ Weights are random bytes of the real type with small finite f16 scales. Columns:
 - M rows: int8 path (VNNI where the CPU has it), the same path's portable code (what a CPU
   without VNNI runs), and the float (dequantized tile) path, Gmac/s; numpy BLAS on a
   dequantized float32 matrix for comparison (it uses its own thread pool).
-- decode step: every matmul of one Qwen2.5-0.5B token (24 layers + head, 569 MB packed),
+- packed MB against the GGUF file's MB of the same rows (the compact tiles' padding and
+  scale bytes; decode reads every packed byte once);
+- decode step: every matmul of one Qwen2.5-0.5B token (24 layers + head, packed vs file MB),
   separate and with q|k|v and gate|up concatenated; then the fused step for 8 sessions at once
   (8 rows per matmul), against 8 times the one-session step.
 Compile time (first call, empty cache) and warm load (cache filled) are measured in fresh
@@ -72,6 +74,12 @@ def best_time(fn: Callable[[], object], min_total: float = 0.3) -> float:
     return best
 
 
+def copy_weight(w: mm.PackedWeight) -> mm.PackedWeight:
+    """A copy of w's arrays (another place in memory: read from RAM, not from the cache)."""
+    arrays = ("lo", "hi", "d", "dm", "sub", "mins", "wf")
+    return w._replace(**{f: getattr(w, f).copy() for f in arrays})
+
+
 def one_row(w: mm.PackedWeight, copies: list[mm.PackedWeight]) -> tuple[float, float]:
     rng = np.random.default_rng(1)
     x = rng.standard_normal((1, w.row_len), dtype=np.float32)
@@ -107,11 +115,12 @@ def bench_case(name: str, ggml_type: int, k: int, n: int, rows: tuple[int, ...])
     w = mm.pack_weight(raw, ggml_type, k)
     pack_s = time.perf_counter() - t
     n_copies = max(1, -(-COLD_BYTES // w.nbytes))
-    copies = [w] if n_copies == 1 else [w._replace(qs=w.qs.copy()) for _ in range(n_copies)]
+    copies = [w] if n_copies == 1 else [copy_weight(w) for _ in range(n_copies)]
     hot, cold = one_row(w, copies)
     macs = n * k
     print(
-        f"{name:15} {n:>6}x{k:<5} pack {pack_s * 1e3:6.1f} ms  size {w.nbytes / raw.nbytes:4.2f}x"
+        f"{name:15} {n:>6}x{k:<5} pack {pack_s * 1e3:6.1f} ms  packed {w.nbytes / 1e6:6.2f} MB"
+        f" / gguf {raw.nbytes / 1e6:6.2f} MB = {w.nbytes / raw.nbytes:4.2f}x"
         f" | 1 row hot {hot * 1e6:7.1f} us {macs / hot / 1e9:5.1f} Gmac/s"
         f" | cold {cold * 1e6:7.1f} us {w.nbytes / cold / 1e9:5.1f} GB/s"
     )
@@ -147,7 +156,10 @@ def decode_step(n_layers: int = 24) -> None:
     """All matmuls of one Qwen2.5-0.5B decode step, every weight read from memory once."""
     raws = [qwen_layer_raws(i) for i in range(n_layers)]
     layers = [{name: mm.pack_weight(*part) for name, part in r.items()} for r in raws]
-    head = mm.pack_weight(random_raw(mm.Q8_0, 151936, 896), mm.Q8_0, 896)
+    head_raw = random_raw(mm.Q8_0, 151936, 896)
+    file_bytes = head_raw.nbytes + sum(p[0].nbytes for r in raws for p in r.values())
+    head = mm.pack_weight(head_raw, mm.Q8_0, 896)
+    del head_raw
     fused = []
     for r, w in zip(raws, layers, strict=True):
         qkv = mm.pack_weights([r["q"], r["k"], r["v"]])
@@ -173,6 +185,11 @@ def decode_step(n_layers: int = 24) -> None:
         mm.matmul(x, head)
 
     n_bytes = head.nbytes + sum(p.nbytes for w in layers for p in w.values())
+    fused_bytes = head.nbytes + sum(p.nbytes for f in fused for p in f)
+    print(
+        f"decode step weights: packed {n_bytes / 1e6:.0f} MB (fused {fused_bytes / 1e6:.0f} MB),"
+        f" gguf {file_bytes / 1e6:.0f} MB: {n_bytes / file_bytes:.3f}x the file"
+    )
     runs = [("separate", separate, 7 * n_layers + 1)]
     runs.append(("q|k|v, gate|up fused", grouped, 4 * n_layers + 1))
     step = {}

@@ -363,3 +363,61 @@ def decode_rows(
         _rows_q3_k(src, sc, dst, rows, rb, rb // 110)
     elif type_id == Q5_K:
         _rows_q45_k(src, sc, mn, dst, rows, rb, rb // 176, 176, 16, 48)
+
+
+# ----------------------------------------------------------------------------------------------
+# Scale fields as stored (matmul.py's compact tiles keep them, not their float products)
+
+
+def _k_scales_mins(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    # The 8 6-bit (scale, min) pairs of Q4_K/Q5_K from their 12 bytes [..., 12] (_k_scale_min).
+    p = packed.astype(np.uint8)
+    low = p[..., 0:4] & 63, p[..., 4:8] & 63
+    high_sc = (p[..., 8:12] & 15) | ((p[..., 0:4] >> 6) << 4)
+    high_mn = (p[..., 8:12] >> 4) | ((p[..., 4:8] >> 6) << 4)
+    return np.concatenate([low[0], high_sc], -1), np.concatenate([low[1], high_mn], -1)
+
+
+def _q3_k_scales(packed: np.ndarray) -> np.ndarray:
+    # The 16 signed 6-bit scales of Q3_K from their 12 bytes [..., 12] (_q3_k_scale), as int8.
+    p = packed.astype(np.int32)
+    i = np.arange(16)
+    low4 = np.where(i < 8, p[..., i % 8] & 15, p[..., i % 8] >> 4)
+    high2 = (p[..., 8 + i % 4] >> (2 * (i // 4))) & 3
+    return ((low4 | (high2 << 4)) - 32).astype(np.int8)
+
+
+def block_fields(
+    type_id: int, data: np.ndarray
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    """The scale fields of rows data (uint8 [N, row_bytes]) as the file stores them:
+
+        d    uint16 [N, K // S]  f16 bits of each block's d (S: the block, 32 or 256)
+        dm   uint16 [N, K // S]  f16 bits of m (Q4_1, Q5_1) or dmin (K-quants), or None
+        sub  uint8  [N, K // G]  the K-quants' sub-block scale of each group (an int8's bits
+                                 for Q3_K and Q6_K; Q2_K: scale | min << 4), or None
+        mins uint8  [N, K // G]  Q4_K/Q5_K's sub-block min of each group, or None
+
+    decode_rows' sc is d * float32(sub) (32-element blocks: d), its mn dmin * float32(mins)
+    (Q2_K: sub >> 4; Q4_1/Q5_1: -m).
+    """
+    spec = SPECS[type_id]
+    n = data.shape[0]
+    blocks = data.reshape(n, -1, spec.nbytes)
+    nb = blocks.shape[1]
+
+    def half(off: int) -> np.ndarray:
+        return np.ascontiguousarray(blocks[:, :, off : off + 2]).view(np.uint16).reshape(n, nb)
+
+    d = half(spec.halves[0])
+    dm = half(spec.halves[1]) if len(spec.halves) > 1 else None
+    sub = mins = None
+    if type_id in (Q4_K, Q5_K):
+        sub, mins = (a.reshape(n, nb * 8) for a in _k_scales_mins(blocks[:, :, 4:16]))
+    elif type_id == Q6_K:
+        sub = blocks[:, :, 192:208].reshape(n, nb * 16)
+    elif type_id == Q3_K:
+        sub = _q3_k_scales(blocks[:, :, 96:108]).view(np.uint8).reshape(n, nb * 16)
+    elif type_id == Q2_K:
+        sub = blocks[:, :, 0:16].reshape(n, nb * 16)
+    return d, dm, sub, mins

@@ -1,48 +1,12 @@
 """Matrix multiplication against quantized weights: out[m, n] = sum_k x[m, k] * W[n, k].
 
-One packed layout serves every type and both paths. Weights are repacked once at load into
-tiles of TILE (32) output rows with the rows in the SIMD lanes and 4 columns per lane:
-
-    qs      uint8   [T, K * TILE]       qs[t, (k//4)*128 + r*4 + k%4] = q[t*TILE + r, k] + bias
-    scales  float32 [T, K // G * TILE]  one per group of G columns (G = 32; 16 for Q2_K/Q3_K/Q6_K)
-    mins    float32 [T, K // G * TILE]  only for types with an offset (Q4_1 Q5_1 Q2_K Q4_K Q5_K)
-
-so that W[n, k] = scales * (u - bias) - mins. bias is 0 for the types with mins (their q is
-already >= 0) and 128 for the others, which makes every stored value an unsigned byte. Float
-weights (F32, F16, BF16) keep float32 tiles in `wf` ([T, KP * TILE], k-major, KP = K padded).
-
-Why this layout: VNNI's vpdpbusd multiplies 4 unsigned bytes by 4 signed bytes and sums them
-into one int32 lane, 16 lanes at once; with 4 consecutive columns of a row in each lane and the
-rows in the lanes, one instruction does 64 multiply-adds for 16 output rows against one
-broadcast group of 4 activation bytes, with no horizontal reduction. The bias costs nothing:
-sum(u * x) = sum(q * x) + bias * sum(x), and the last term is one integer per activation row
-and group, the accumulator's starting value.
-
-Paths:
-- int8 (every quantized weight, any number of rows): activations quantized once per call to
-  int8 blocks of 32 (float scale, per-group sums); int32 sums per group, one float multiply-add
-  per group by weight scale * activation scale, one for the mins. 4 activation rows share each
-  weight load (simd.py: explicit vectors in registers). Measured on 2 threads (Zen 5, Qwen2.5
-  ffn_up Q5_0 4864x896): M=1 35 us, M=8 ~100 us, M=16 ~190 us, M=128 ~1.3 ms (~420 Gmac/s);
-  the portable code for CPUs without VNNI (AVX-512BW: vpmaddwd) is ~2.2x slower from M=4 on and
-  still ahead of the float path at every M. On aarch64 the same layout feeds usdot (i8mm:
-  unsigned by signed bytes, as vpdpbusd) or sdot (dotprod: signed only, so it takes u - 128 and
-  the sums start 128 * sum(x) higher); integer sums are exact, so every path gives the same
-  bits. smmla/usmmla (i8mm's 2x8 by 8x2 tiles) would need 8 columns of 2 weight rows against 2
-  activation rows per register: another layout, for a gain to be measured on ARM hardware.
-- float (float weights; path="float"): each tile is dequantized to float once into a
-  thread-local buffer and a float FMA kernel runs all rows against it, 4 rows per pass;
-  ~120 Gmac/s at M=128, a third of the int8 path, but exact in the activations.
-BLAS is not used: it could only serve float weights (it is ~10% faster than the float path at
-M >= 128 on an idle machine, a third of the int8 path's speed), and OpenBLAS's own threads spin
-after each call and fight the Numba threads for the 2 cores. The float path on quantized
-weights (path="float") is kept as a check of the int8 path, exact in the activations.
-Decode is bound by memory, not by these kernels: a Qwen2.5-0.5B step reads 569 MB of packed
-weights (1.45x the file's matrices), so layout size is speed there.
+LAYOUT_DOC_PLACEHOLDER
 """
 
 from __future__ import annotations
 
+import functools
+from types import SimpleNamespace
 from typing import NamedTuple
 
 import numpy as np
@@ -50,7 +14,7 @@ from numba import njit, prange
 
 from . import simd
 from . import threads as _threads  # threading layer set before any parallel kernel
-from .blocks import BF16, F16, F32, SPECS, decode_rows
+from .blocks import BF16, F16, F32, IQ4_NL_VALUES, SPECS, block_fields, decode_rows
 from .blocks import IQ4_NL as IQ4_NL
 from .blocks import Q2_K as Q2_K
 from .blocks import Q3_K as Q3_K
@@ -66,9 +30,7 @@ from .blocks import Q8_0 as Q8_0
 TILE = 32
 """Output rows per tile (SIMD lanes of the kernels)."""
 QUAD_STRIDE = 4 * TILE
-"""Bytes of qs per 4 columns of a tile."""
-BIAS = 128
-"""Added to the signed q of types without mins so every stored q is an unsigned byte."""
+"""Bytes per 4 columns of a tile in the byte-per-weight form (a plane's 128-byte vector pair)."""
 KC = 8
 """Columns per step of the float kernel; float tiles pad K to a multiple of it."""
 SERIAL_MACS = 1 << 19
@@ -88,77 +50,164 @@ it false to run the portable code on such a machine."""
 
 
 QUANT_SPECS = SPECS
-"""Per quantized type id: block, nbytes, group G (of the packed scales), has_min, halves
-(blocks.py, whose decoders fill the tiles)."""
+"""Per quantized type id: block, nbytes, group G (of the scales), has_min, halves (blocks.py)."""
 SUPPORTED_TYPES = (*FLOAT_TYPES, *QUANT_SPECS)
+
+SUB_NONE, SUB_SIGNED, SUB_SCALE_MIN, SUB_NIBBLES = 0, 1, 2, 3
+"""How a group's scale comes from d: it is d (32-element blocks), d * the signed sub-scale
+byte (Q3_K, Q6_K), d * the scale byte with dmin * a min byte (Q4_K, Q5_K), or d * the low and
+dmin * the high nibble of one byte (Q2_K)."""
+
+
+class Layout(NamedTuple):
+    """A quantized type's compact tile: u = q + bias split into a low and a high bit plane."""
+
+    bias: int  # u = q + bias >= 0: what the kernels take back through the activation sums
+    lo_bits: int  # 8, 4 or 2: u's low bits, the low plane
+    hi_bits: int  # 0, 1 or 2: u's bits above lo_bits, the high plane
+    block: int  # columns per d (and dm): 32, or 256 for the K-quants
+    sub: int  # SUB_*
+    lookup: bool  # IQ4_NL: the low plane holds code book indices, u = code book + 128
+
+
+LAYOUTS: dict[int, Layout] = {
+    Q4_0: Layout(8, 4, 0, 32, SUB_NONE, False),
+    Q4_1: Layout(0, 4, 0, 32, SUB_NONE, False),
+    Q5_0: Layout(16, 4, 1, 32, SUB_NONE, False),
+    Q5_1: Layout(0, 4, 1, 32, SUB_NONE, False),
+    Q8_0: Layout(128, 8, 0, 32, SUB_NONE, False),
+    IQ4_NL: Layout(128, 4, 0, 32, SUB_NONE, True),
+    Q2_K: Layout(0, 2, 0, 256, SUB_NIBBLES, False),
+    Q3_K: Layout(4, 2, 1, 256, SUB_SIGNED, False),
+    Q4_K: Layout(0, 4, 0, 256, SUB_SCALE_MIN, False),
+    Q5_K: Layout(0, 4, 1, 256, SUB_SCALE_MIN, False),
+    Q6_K: Layout(32, 4, 2, 256, SUB_SIGNED, False),
+}
+"""The compact tile of every quantized type, by type id."""
+
+_IQ4_U = (IQ4_NL_VALUES.astype(np.int32) + 128).astype(np.uint8)  # the code book as u
+_IQ4_INDEX = np.zeros(256, np.uint8)
+_IQ4_INDEX[IQ4_NL_VALUES.view(np.uint8)] = np.arange(16, dtype=np.uint8)  # q's bits -> index
 
 
 class PackedWeight(NamedTuple):
-    """A weight [n_rows, row_len] in the tiled layout (module docstring)."""
+    """A weight [n_rows, row_len] in compact tiles (module docstring); T tiles of TILE rows."""
 
-    ggml_type: int
+    ggml_type: int  # -1: parts of several types (`parts`)
     n_rows: int  # N
     row_len: int  # K
-    group: int  # G; 0 for float weights
-    qs: np.ndarray  # uint8 [T, K*TILE], q + bias, quad-interleaved; [T, 0] for float weights
-    scales: np.ndarray  # float32 [T, K//G*TILE]
-    mins: np.ndarray  # float32 [T, K//G*TILE], or [T, 0] without offsets
+    group: int  # G; 0 for float weights and for a weight of parts
+    lo: np.ndarray  # uint8 [T, K*TILE*lo_bits/8], u's low plane
+    hi: np.ndarray  # uint8 [T, K*TILE*hi_bits/8], u's high plane ([T, 0] without)
+    d: np.ndarray  # uint16 [T, K/block*TILE]: f16 bits of d per block and row
+    dm: np.ndarray  # uint16 [T, K/block*TILE]: f16 bits of m or dmin ([T, 0] without mins)
+    sub: np.ndarray  # uint8 [T, K/G*TILE]: K-quant sub-scale bytes ([T, 0] for 32-blocks)
+    mins: np.ndarray  # uint8 [T, K/G*TILE]: Q4_K/Q5_K sub-block mins ([T, 0] for the others)
     wf: np.ndarray  # float32 [T, KP*TILE] for float weights (KP = K padded to KC); [T, 0] otherwise
+    parts: tuple[PackedWeight, ...] = ()  # a fused weight of several types: one per run of a type
 
     @property
     def is_float(self) -> bool:
-        return self.group == 0
+        return self.ggml_type in FLOAT_TYPES
 
     @property
     def has_min(self) -> bool:
-        return self.mins.shape[1] > 0
+        return self.ggml_type in SPECS and SPECS[self.ggml_type].has_min
 
     @property
     def bias(self) -> int:
-        """What was added to each q to make it unsigned: 0 with mins (q >= 0 there), else 128."""
-        return 0 if self.has_min else BIAS
+        """What was added to each q to make it u >= 0 (LAYOUTS); 0 for float weights."""
+        return LAYOUTS[self.ggml_type].bias if self.ggml_type in LAYOUTS else 0
 
     @property
     def n_tiles(self) -> int:
-        return int(self.qs.shape[0])
+        if self.parts:
+            return sum(p.n_tiles for p in self.parts)
+        return int(max(self.lo.shape[0], self.wf.shape[0]))
 
     @property
     def nbytes(self) -> int:
-        return int(self.qs.nbytes + self.scales.nbytes + self.mins.nbytes + self.wf.nbytes)
+        arrays = (self.lo, self.hi, self.d, self.dm, self.sub, self.mins, self.wf)
+        return sum(int(a.nbytes) for a in arrays) + sum(p.nbytes for p in self.parts)
 
 
 # ---------------------------------------------------------------------------------------------
-# Packing: raw GGUF rows -> tiles, a tile's rows decoded by blocks.py into q, scales and mins.
+# Packing: raw GGUF rows -> compact tiles. blocks.py decodes the integers (q) and reads the
+# scale fields as stored; numpy interleaves them into the planes.
+
+PACK_ROWS = 64 * TILE
+"""Rows packed per step: bounds the temporaries (a few bytes per weight) for a big matrix."""
 
 
-@njit(cache=True, parallel=True, nogil=True)
-def _pack_tiles(kind, raw, qs, scales, mins, bias, n_workers):
-    # raw uint8 [N, row_bytes] -> tiles qs [T, K*TILE], scales/mins [T, K//G*TILE] (mins may be
-    # [T, 0]); rows past N (the last tile's padding) are zero.
-    n_rows, n_tiles = raw.shape[0], qs.shape[0]
-    row_len, ng, nm = qs.shape[1] // TILE, scales.shape[1] // TILE, mins.shape[1] // TILE
-    for w in prange(n_workers):
-        q = np.empty((TILE, row_len), np.int8)
-        sc = np.empty(TILE * ng, np.float32)  # row r's groups at r * ng
-        mn = np.empty(TILE * nm, np.float32)  # unused without mins
-        rows = np.empty(TILE, np.int64)
-        for t in range(w * n_tiles // n_workers, (w + 1) * n_tiles // n_workers):
-            n_real = min(TILE, n_rows - t * TILE)
-            for r in range(n_real):
-                rows[r] = t * TILE + r
-            decode_rows(kind, raw, rows[:n_real], sc, mn, q)
-            q[n_real:] = 0
-            sc[n_real * ng :] = 0
-            mn[n_real * nm :] = 0
-            for r in range(TILE):
-                for k in range(row_len):
-                    qs[t, (k >> 2) * QUAD_STRIDE + r * 4 + (k & 3)] = np.uint8(
-                        np.int32(q[r, k]) + bias
-                    )
-                for g in range(ng):
-                    scales[t, g * TILE + r] = sc[r * ng + g]
-                for g in range(nm):
-                    mins[t, g * TILE + r] = mn[r * nm + g]
+def _plane(u: np.ndarray, bits: int, shift: int) -> np.ndarray:
+    # u uint8 [t*TILE, K] -> uint8 [t, K*TILE*bits/8]: bits shift..shift+bits of each u, the
+    # 8 quad-steps i of a 32-column chunk c in `bits` vector pairs of 128 bytes, quad-step i in
+    # bits (i % per) * bits of pair i // per (per = 8 // bits): byte
+    # [c*128*bits + (i // per)*128 + r*4 + j] holds column 32c + 4i + j of row r.
+    t, k, per = u.shape[0] // TILE, u.shape[1], 8 // bits
+    f = ((u >> shift) & ((1 << bits) - 1)).reshape(t, TILE, k // 32, bits, per, 4)
+    packed = f[:, :, :, :, 0, :].copy()
+    for p in range(1, per):
+        packed |= f[:, :, :, :, p, :] << (bits * p)
+    return packed.transpose(0, 2, 3, 1, 4).reshape(t, -1)  # [t, c, pair, r, j]
+
+
+def _tile_fields(a: np.ndarray, n_tiles: int) -> np.ndarray:
+    # [n, F] per row -> [n_tiles, F*TILE], field f of tile row r at f*TILE + r (padding zero)
+    n, f = a.shape
+    rows = np.zeros((n_tiles * TILE, f), a.dtype)
+    rows[:n] = a
+    return rows.reshape(n_tiles, TILE, f).transpose(0, 2, 1).reshape(n_tiles, f * TILE)
+
+
+def _empty_quant(kind: int, n_tiles: int, row_len: int) -> dict[str, np.ndarray]:
+    lay, spec = LAYOUTS[kind], SPECS[kind]
+    kt, ng, nd = row_len * TILE, row_len // spec.group * TILE, row_len // lay.block * TILE
+    k_quant = lay.sub != SUB_NONE
+    return {
+        "lo": np.empty((n_tiles, kt * lay.lo_bits // 8), np.uint8),
+        "hi": np.empty((n_tiles, kt * lay.hi_bits // 8), np.uint8),
+        "d": np.empty((n_tiles, nd), np.uint16),
+        "dm": np.empty((n_tiles, nd if spec.has_min else 0), np.uint16),
+        "sub": np.empty((n_tiles, ng if k_quant else 0), np.uint8),
+        "mins": np.empty((n_tiles, ng if lay.sub == SUB_SCALE_MIN else 0), np.uint8),
+    }
+
+
+def _pack_rows(raw: np.ndarray, kind: int, row_len: int, dst: dict[str, np.ndarray]) -> None:
+    # raw uint8 [n, row_bytes] (n <= PACK_ROWS) into dst's tiles (arrays [ceil(n/TILE), ...])
+    lay = LAYOUTS[kind]
+    n, n_tiles = raw.shape[0], dst["lo"].shape[0]
+    q = np.zeros((n_tiles * TILE, row_len), np.int8)  # padding rows: q = 0
+    decode_rows(kind, raw, np.arange(n, dtype=np.int64), None, None, q)
+    if lay.lookup:
+        u = _IQ4_INDEX[q.view(np.uint8)]
+    else:
+        u = q.view(np.uint8) + np.uint8(lay.bias)  # q + bias, in 0..255
+    dst["lo"][:] = _plane(u, lay.lo_bits, 0)
+    if lay.hi_bits:
+        dst["hi"][:] = _plane(u, lay.hi_bits, lay.lo_bits)
+    fields = block_fields(kind, raw)
+    for name, a in zip(("d", "dm", "sub", "mins"), fields, strict=True):
+        if a is not None:
+            dst[name][:] = _tile_fields(a, n_tiles)
+
+
+def _pack_quant(parts: list[tuple[np.ndarray, int, int]]) -> PackedWeight:
+    # Parts of one quantized type, each but the last filling whole tiles, into one set of tiles.
+    kind, row_len = parts[0][1], parts[0][2]
+    n_tiles = sum(-(-raw.shape[0] // TILE) for raw, _, _ in parts)
+    arrays = _empty_quant(kind, n_tiles, row_len)
+    t0 = 0
+    for raw, _, _ in parts:
+        for r0 in range(0, raw.shape[0], PACK_ROWS):
+            rows = np.ascontiguousarray(raw[r0 : r0 + PACK_ROWS])
+            n = -(-rows.shape[0] // TILE)
+            _pack_rows(rows, kind, row_len, {k: a[t0 : t0 + n] for k, a in arrays.items()})
+            t0 += n
+    n_rows = sum(raw.shape[0] for raw, _, _ in parts)
+    wf = np.zeros((n_tiles, 0), np.float32)
+    return PackedWeight(kind, n_rows, row_len, SPECS[kind].group, **arrays, wf=wf)
 
 
 def _float_rows(raw: np.ndarray, ggml_type: int, n_rows: int, row_len: int) -> np.ndarray:
@@ -170,6 +219,11 @@ def _float_rows(raw: np.ndarray, ggml_type: int, n_rows: int, row_len: int) -> n
     return bits.view(np.float32)
 
 
+def _no_planes(n_tiles: int) -> dict[str, np.ndarray]:
+    u8, u16 = np.zeros((n_tiles, 0), np.uint8), np.zeros((n_tiles, 0), np.uint16)
+    return {"lo": u8, "hi": u8, "d": u16, "dm": u16, "sub": u8, "mins": u8}
+
+
 def _pack_float(raw: np.ndarray, ggml_type: int, n_rows: int, row_len: int) -> PackedWeight:
     w = _float_rows(raw, ggml_type, n_rows, row_len)
     n_tiles = -(-n_rows // TILE)
@@ -178,10 +232,8 @@ def _pack_float(raw: np.ndarray, ggml_type: int, n_rows: int, row_len: int) -> P
     for t in range(n_tiles):
         rows = w[t * TILE : (t + 1) * TILE]
         tiles[t, :row_len, : rows.shape[0]] = rows.T
-    empty_u8 = np.zeros((n_tiles, 0), np.uint8)
-    empty_f = np.zeros((n_tiles, 0), np.float32)
     wf = tiles.reshape(n_tiles, kp * TILE)
-    return PackedWeight(ggml_type, n_rows, row_len, 0, empty_u8, empty_f, empty_f, wf)
+    return PackedWeight(ggml_type, n_rows, row_len, 0, **_no_planes(n_tiles), wf=wf)
 
 
 def _check_raw(raw: np.ndarray, ggml_type: int, row_len: int) -> tuple[int, int]:
@@ -206,9 +258,11 @@ def pack_weight(raw: np.ndarray, ggml_type: int, row_len: int) -> PackedWeight:
 def pack_weights(parts: list[tuple[np.ndarray, int, int]]) -> PackedWeight:
     """One weight from several (raw, ggml_type, row_len) sharing an input (q|k|v, gate|up).
 
-    Each part is packed straight into its own tiles of one set of arrays (no copy after), so
-    the parts must agree on K and on the layout (group, mins) and every part but the last must
-    fill whole tiles; ValueError otherwise. A single part is pack_weight.
+    The parts must agree on K, every part but the last must fill whole tiles, and float
+    weights are packed alone; ValueError otherwise. Consecutive parts of one type share one
+    set of tiles (one kernel call); a weight of several types keeps one such sub-weight per
+    run of a type in `parts` (ggml_type -1), each its own kernel call into its columns of the
+    one output. A single part is pack_weight.
     """
     for raw, ggml_type, row_len in parts:
         _check_raw(raw, ggml_type, row_len)
@@ -218,43 +272,36 @@ def pack_weights(parts: list[tuple[np.ndarray, int, int]]) -> PackedWeight:
         return _pack_float(raw, first_type, raw.shape[0], row_len)
     if any(t in FLOAT_TYPES for _, t, _ in parts):
         raise ValueError("float weights are packed one at a time")
-    specs = [QUANT_SPECS[t] for _, t, _ in parts]
-    first = specs[0]
     for raw, _, _ in parts[:-1]:
         if raw.shape[0] % TILE:
             raise ValueError(f"a part of {raw.shape[0]} rows does not fill whole tiles")
-    for (_, _, k), spec in zip(parts, specs, strict=True):
-        if k != row_len:
-            raise ValueError("parts differ in row length")
-        if (spec.group, spec.has_min) != (first.group, first.has_min):
-            raise ValueError("parts differ in layout (scale group or mins)")
-    tiles = [-(-raw.shape[0] // TILE) for raw, _, _ in parts]
-    n_tiles, ng = sum(tiles), row_len // first.group
-    qs = np.empty((n_tiles, row_len * TILE), np.uint8)
-    scales = np.empty((n_tiles, ng * TILE), np.float32)
-    mins = np.empty((n_tiles, ng * TILE if first.has_min else 0), np.float32)
-    bias = 0 if first.has_min else BIAS
-    t0 = 0
-    for (raw, ggml_type, _), n in zip(parts, tiles, strict=True):
-        raw = np.ascontiguousarray(raw)
-        out = (qs[t0 : t0 + n], scales[t0 : t0 + n], mins[t0 : t0 + n])
-        workers = _workers(n, raw.shape[0] * row_len)
-        _pack_tiles(ggml_type, raw, *out, bias, workers)
-        t0 += n
-    kind = first_type if all(t == first_type for _, t, _ in parts) else -1
-    n_rows = sum(raw.shape[0] for raw, _, _ in parts)
-    empty = np.zeros((n_tiles, 0), np.float32)
-    return PackedWeight(kind, n_rows, row_len, first.group, qs, scales, mins, empty)
+    if any(k != row_len for _, _, k in parts):
+        raise ValueError("parts differ in row length")
+    runs: list[list[tuple[np.ndarray, int, int]]] = []
+    for part in parts:
+        if runs and runs[-1][0][1] == part[1]:
+            runs[-1].append(part)
+        else:
+            runs.append([part])
+    subs = tuple(_pack_quant(run) for run in runs)
+    if len(subs) == 1:
+        return subs[0]
+    n_rows = sum(s.n_rows for s in subs)
+    wf = np.zeros((0, 0), np.float32)
+    return PackedWeight(-1, n_rows, row_len, 0, **_no_planes(0), wf=wf, parts=subs)
 
 
 def unpack_weight(w: PackedWeight) -> np.ndarray:
     """float32 [N, K] from the packed tiles (tests and checks; never on a hot path)."""
     t, k, n = w.n_tiles, w.row_len, w.n_rows
+    if w.parts:
+        return np.vstack([unpack_weight(p) for p in w.parts])
     if w.is_float:
         kp = w.wf.shape[1] // TILE
         tiles = w.wf.reshape(t, kp, TILE)[:, :k, :]
         return np.ascontiguousarray(tiles.transpose(0, 2, 1).reshape(t * TILE, k)[:n])
-    quads = w.qs.reshape(t, k // 4, TILE, 4).transpose(0, 2, 1, 3).reshape(t * TILE, k)[:n]
+    qs, scales, mins = _byte_tiles(w)
+    quads = qs.reshape(t, k // 4, TILE, 4).transpose(0, 2, 1, 3).reshape(t * TILE, k)[:n]
     q = quads.astype(np.float32) - np.float32(w.bias)
     ng = k // w.group
 
@@ -262,10 +309,21 @@ def unpack_weight(w: PackedWeight) -> np.ndarray:
         rows = a.reshape(t, ng, TILE).transpose(0, 2, 1).reshape(t * TILE, ng)[:n]
         return np.repeat(rows, w.group, axis=1)
 
-    out = per_row(w.scales) * q
+    out = per_row(scales) * q
     if w.has_min:
-        out = out - per_row(w.mins)
+        out = out - per_row(mins)
     return out.astype(np.float32)
+
+
+def _byte_tiles(w: PackedWeight) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The byte-per-weight form of every tile (qs uint8 [T, K*TILE], scales and mins float32
+    [T, K/G*TILE]; module docstring) as the kernels unpack it."""
+    t, k, ng = w.n_tiles, w.row_len, w.row_len // w.group
+    qs = np.empty((t, k * TILE), np.uint8)
+    scales = np.empty((t, ng * TILE), np.float32)
+    mins = np.empty((t, ng * TILE if w.has_min else 0), np.float32)
+    _kernels(w.ggml_type).unpack_all(w.lo, w.hi, w.d, w.dm, w.sub, w.mins, qs, scales, mins)
+    return qs, scales, mins
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,13 +382,13 @@ def quantize_activations(
 
 
 # ---------------------------------------------------------------------------------------------
-# Int8 path, any number of rows: VNNI dot products over a tile (simd.py). A tile's 32 lanes are two
-# 16-lane vectors; one vpdpbusd adds 4 columns of 16 lanes (u8 weight quads times one broadcast
-# quad of the activation row). Each group's int32 sums start at the row's bias correction and
-# end in one float multiply-add by weight scale * activation scale (and one for the mins).
-# 4 rows share each weight load (8 int32 + 8 float accumulators in registers); a row alone
-# takes the 1-row kernel, with the same operations in the same order, so a row's result does
-# not depend on which rows it is batched with.
+# Int8 path on the byte-per-weight form of a tile (what the compact tiles unpack to: module
+# docstring). A tile's 32 lanes are two 16-lane vectors; one vpdpbusd adds 4 columns of 16
+# lanes (u8 weight quads times one broadcast quad of the activation row). Each group's int32
+# sums start at the row's bias correction and end in one float multiply-add by weight scale *
+# activation scale (and one for the mins). 4 rows share each weight load (8 int32 + 8 float
+# accumulators in registers); a row alone takes a 1-row kernel, with the same operations in the
+# same order, so a row's result does not depend on which rows it is batched with.
 
 
 @njit(cache=True, inline="always")
@@ -404,41 +462,6 @@ def _dot4_tile(wq, ws, wm, xq, xs, xsum, xcorr, m0, group, o, vnni):
         simd.store_f32(o, 16 * i, v)
 
 
-@njit(cache=True)
-def _int_tiles(xq, xs, xsum, xcorr, m_rows, wq, ws, wm, group, n_rows, out, t0, t1, vnni):
-    o = np.empty(4 * TILE, np.float32)
-    for t in range(t0, t1):
-        n0 = t * TILE
-        nr = min(TILE, n_rows - n0)
-        wqt, wst, wmt = wq[t], ws[t], wm[t]
-        for m0 in range(0, m_rows, 4):
-            if m_rows - m0 == 1:
-                _dot1_tile(wqt, wst, wmt, xq, xs, xsum, xcorr, m0, group, o, vnni)
-            else:
-                _dot4_tile(wqt, wst, wmt, xq, xs, xsum, xcorr, m0, group, o, vnni)
-            for i in range(min(4, m_rows - m0)):
-                out[m0 + i, n0 : n0 + nr] = o[i * TILE : i * TILE + nr]
-
-
-@njit(cache=True)
-def _int_serial(x, wq, ws, wm, group, bias, n_rows, out, vnni):
-    # Quantizing inside the compiled call saves a dispatch and the allocations' round trips.
-    xq, xs, xsum, xcorr = _quantize(x, group, wm.shape[1] > 0, bias, 4)
-    args = (xq, xs, xsum, xcorr, x.shape[0], wq, ws, wm, group, n_rows, out)
-    _int_tiles(*args, 0, wq.shape[0], vnni)
-
-
-@njit(cache=True, parallel=True)
-def _int_parallel(x, wq, ws, wm, group, bias, n_rows, out, n_workers, vnni):
-    xq, xs, xsum, xcorr = _quantize(x, group, wm.shape[1] > 0, bias, 4)  # before the threads
-    n_tiles = wq.shape[0]
-    for w in prange(n_workers):
-        t0 = w * n_tiles // n_workers
-        t1 = (w + 1) * n_tiles // n_workers
-        args = (xq, xs, xsum, xcorr, x.shape[0], wq, ws, wm, group, n_rows, out)
-        _int_tiles(*args, t0, t1, vnni)
-
-
 # ---------------------------------------------------------------------------------------------
 # Float path: dequantize a tile to float once, then a float kernel over 4 activation rows at a
 # time (4 independent accumulators per lane keep both FMA pipes busy). The kernel keeps a single
@@ -491,31 +514,213 @@ def _gemm4_tile(x, m0, wf, o):
             o[3 * TILE + r] = a3
 
 
+# ---------------------------------------------------------------------------------------------
+# Compact tiles in registers: per quantized type, kernels compiled with its layout's numbers as
+# constants (closure variables are constants to Numba, and its cache keys on their values), so
+# every shift and mask is an immediate and no branch on the type is left in a loop.
+
+
+@functools.cache
+def _kernels(kind: int) -> SimpleNamespace:
+    """The compiled kernels of one quantized type's compact tiles."""
+    lay, spec = LAYOUTS[kind], SPECS[kind]
+    lo_bits, hi_bits, sub, lookup, bias = lay.lo_bits, lay.hi_bits, lay.sub, lay.lookup, lay.bias
+    group, has_min = spec.group, spec.has_min
+    lo_per, lo_chunk, lo_mask = 8 // lo_bits, 128 * lo_bits, ((1 << lo_bits) - 1) * 0x01010101
+    hi_per = 8 // hi_bits if hi_bits else 1
+    hi_chunk, hi_mask = 128 * hi_bits, ((1 << hi_bits) - 1) * 0x01010101
+    per_chunk, steps = 32 // group, group // 4  # groups per 32 columns, quad-steps per group
+    per_block = lay.block // group  # groups per d
+    table = _IQ4_U
+
+    @njit(cache=True, inline="always")
+    def quad(lo, hi, c, i, h):
+        # u of quad-step i (0..7) of 32-column chunk c, lanes 16h..16h+15: 4 bytes a lane
+        v = simd.load_quads(lo, c * lo_chunk + (i // lo_per) * QUAD_STRIDE + 64 * h)
+        if lo_bits < 8:
+            v = (v >> (lo_bits * (i % lo_per))) & lo_mask
+        if lookup:  # a byte at a time: lookup16 takes an int32 lane's low 4 bits
+            cb = simd.load_bytes(table, 0)
+            v = (
+                simd.lookup16(cb, v)
+                | (simd.lookup16(cb, v >> 8) << 8)
+                | (simd.lookup16(cb, v >> 16) << 16)
+                | (simd.lookup16(cb, v >> 24) << 24)
+            )
+        if hi_bits:
+            w = simd.load_quads(hi, c * hi_chunk + (i // hi_per) * QUAD_STRIDE + 64 * h)
+            v = v | (((w >> (hi_bits * (i % hi_per))) & hi_mask) << lo_bits)
+        return v
+
+    @njit(cache=True, inline="always")
+    def scales(d, dm, sb, mn, g, h):
+        # (scale, min) of group g, lanes 16h..16h+15, the float32 values blocks.py computes
+        at = g * TILE + 16 * h
+        if sub == SUB_NONE:
+            s = simd.load_f16(d, at)
+            low = simd.mul(simd.load_f16(dm, at), simd.f32_splat(np.float32(-1))) if has_min else s
+            return s, low
+        top = (g // per_block) * TILE + 16 * h
+        v = simd.load_bytes(sb, at)
+        if sub == SUB_SIGNED:
+            v = (v ^ 128) - 128
+        if sub == SUB_NIBBLES:
+            mv = v >> 4
+            v = v & 15
+        elif sub == SUB_SCALE_MIN:
+            mv = simd.load_bytes(mn, at)
+        else:
+            mv = v
+        s = simd.mul_exact(simd.load_f16(d, top), simd.to_f32(v))
+        low = simd.mul_exact(simd.load_f16(dm, top), simd.to_f32(mv)) if has_min else s
+        return s, low
+
+    @njit(cache=True)
+    def dot1(lo, hi, d, dm, sb, mn, xq, xs, xsum, xcorr, m, o, vnni):
+        # o[:TILE] = row m of the activations against one tile, its planes unpacked in
+        # registers: the operations of _dot1_tile in the same order, so the same bits.
+        x0 = xq[m]
+        f0 = f1 = simd.f32_zero()
+        for c in range(x0.size // 32):
+            for gg in range(per_chunk):
+                g = c * per_chunk + gg
+                i0 = i1 = simd.i32_splat(xcorr[m, g])
+                for ii in range(steps):
+                    i = gg * steps + ii
+                    b = simd.broadcast_quad(x0, 32 * c + 4 * i)
+                    i0 = simd.dot_quads(i0, quad(lo, hi, c, i, 0), b, vnni)
+                    i1 = simd.dot_quads(i1, quad(lo, hi, c, i, 1), b, vnni)
+                s0, m0 = scales(d, dm, sb, mn, g, 0)
+                s1, m1 = scales(d, dm, sb, mn, g, 1)
+                sm = (s0, s1, m0, m1)
+                f0, f1 = _group_end(f0, f1, i0, i1, sm, xs[m, c], xsum[m, g], has_min)
+        simd.store_f32(o, 0, f0)
+        simd.store_f32(o, 16, f1)
+
+    @njit(cache=True)
+    def unpack(lo, hi, d, dm, sb, mn, bq, bs, bm):
+        # One tile into the byte-per-weight form: bq uint8 [K*TILE], bs/bm float32 [K/G*TILE]
+        # (bm only with mins).
+        k = bq.size // TILE
+        for c in range(k // 32):
+            for i in range(8):
+                for h in range(2):
+                    simd.store_quads(bq, (8 * c + i) * QUAD_STRIDE + 64 * h, quad(lo, hi, c, i, h))
+        for g in range(k // group):
+            for h in range(2):
+                s, low = scales(d, dm, sb, mn, g, h)
+                simd.store_f32(bs, g * TILE + 16 * h, s)
+                if has_min:
+                    simd.store_f32(bm, g * TILE + 16 * h, low)
+
+    @njit(cache=True)
+    def unpack_all(lo, hi, d, dm, sb, mn, qs, ws, wm):
+        for t in range(qs.shape[0]):
+            unpack(lo[t], hi[t], d[t], dm[t], sb[t], mn[t], qs[t], ws[t], wm[t])
+
+    @njit(cache=True)
+    def int_tiles(xq, xs, xsum, xcorr, m_rows, planes, n_rows, out, col0, t0, t1, vnni):
+        # M = 1: straight from the planes. More rows: each tile unpacked once into a buffer,
+        # then 4 rows per pass over it (the unpacking is shared by all of them).
+        lo, hi, d, dm, sb, mn = planes
+        k = xq.shape[1]
+        o = np.empty(4 * TILE, np.float32)
+        bq = np.empty(k * TILE if m_rows > 1 else 0, np.uint8)
+        bs = np.empty(k // group * TILE if m_rows > 1 else 0, np.float32)
+        bm = np.empty(k // group * TILE if m_rows > 1 and has_min else 0, np.float32)
+        for t in range(t0, t1):
+            n0 = t * TILE
+            nr = min(TILE, n_rows - n0)
+            if m_rows == 1:
+                dot1(lo[t], hi[t], d[t], dm[t], sb[t], mn[t], xq, xs, xsum, xcorr, 0, o, vnni)
+                out[0, col0 + n0 : col0 + n0 + nr] = o[:nr]
+                continue
+            unpack(lo[t], hi[t], d[t], dm[t], sb[t], mn[t], bq, bs, bm)
+            for m0 in range(0, m_rows, 4):
+                if m_rows - m0 == 1:
+                    _dot1_tile(bq, bs, bm, xq, xs, xsum, xcorr, m0, group, o, vnni)
+                else:
+                    _dot4_tile(bq, bs, bm, xq, xs, xsum, xcorr, m0, group, o, vnni)
+                for r in range(min(4, m_rows - m0)):
+                    out[m0 + r, col0 + n0 : col0 + n0 + nr] = o[r * TILE : r * TILE + nr]
+
+    @njit(cache=True)
+    def int_serial(x, planes, qbias, n_rows, out, col0, vnni):
+        # Quantizing inside the compiled call saves a dispatch and the allocations' round trips.
+        xq, xs, xsum, xcorr = _quantize(x, group, has_min, qbias, 4)
+        n_tiles = planes[0].shape[0]
+        int_tiles(xq, xs, xsum, xcorr, x.shape[0], planes, n_rows, out, col0, 0, n_tiles, vnni)
+
+    @njit(cache=True, parallel=True)
+    def int_parallel(x, planes, qbias, n_rows, out, col0, n_workers, vnni):
+        xq, xs, xsum, xcorr = _quantize(x, group, has_min, qbias, 4)  # before the threads
+        n_tiles = planes[0].shape[0]
+        for w in prange(n_workers):
+            t0 = w * n_tiles // n_workers
+            t1 = (w + 1) * n_tiles // n_workers
+            args = (xq, xs, xsum, xcorr, x.shape[0], planes, n_rows, out, col0)
+            int_tiles(*args, t0, t1, vnni)
+
+    @njit(cache=True)
+    def float_tiles(xp, m_rows, planes, n_rows, out, col0, t0, t1):
+        # xp float32 [M4, K] (rows padded to 4): each tile unpacked, dequantized, then the
+        # float kernel over it.
+        lo, hi, d, dm, sb, mn = planes
+        k = xp.shape[1]
+        bq = np.empty(k * TILE, np.uint8)
+        bs = np.empty(k // group * TILE, np.float32)
+        bm = np.empty(k // group * TILE if has_min else 0, np.float32)
+        buf = np.empty(k * TILE, np.float32)
+        o = np.empty(4 * TILE, np.float32)
+        for t in range(t0, t1):
+            unpack(lo[t], hi[t], d[t], dm[t], sb[t], mn[t], bq, bs, bm)
+            _dequant_tile(bq, bs, bm, group, bias, buf)
+            _gemm4_rows(xp, m_rows, buf, n_rows, out, col0, t, o)
+
+    @njit(cache=True, parallel=True)
+    def float_parallel(xp, m_rows, planes, n_rows, out, col0, n_workers):
+        n_tiles = planes[0].shape[0]
+        for w in prange(n_workers):
+            t0 = w * n_tiles // n_workers
+            t1 = (w + 1) * n_tiles // n_workers
+            float_tiles(xp, m_rows, planes, n_rows, out, col0, t0, t1)
+
+    return SimpleNamespace(
+        unpack_all=unpack_all,
+        int_serial=int_serial,
+        int_parallel=int_parallel,
+        float_tiles=float_tiles,
+        float_parallel=float_parallel,
+    )
+
+
 @njit(cache=True)
-def _float_tiles(xp, m_rows, wq, ws, wm, wf, group, bias, n_rows, out, t0, t1):
-    # xp float32 [M4, KP] (rows padded to 4, columns to KC with zeros); wf used when group == 0.
-    buf = np.empty(xp.shape[1] * TILE if group else 0, np.float32)
+def _gemm4_rows(xp, m_rows, tile, n_rows, out, col0, t, o):
+    # out's columns of tile t, every row, from a float tile (4 rows per pass of _gemm4_tile)
+    n0 = t * TILE
+    nr = min(TILE, n_rows - n0)
+    for m0 in range(0, xp.shape[0], 4):
+        o[:] = 0
+        _gemm4_tile(xp, m0, tile, o)
+        for i in range(min(4, m_rows - m0)):
+            out[m0 + i, col0 + n0 : col0 + n0 + nr] = o[i * TILE : i * TILE + nr]
+
+
+@njit(cache=True)
+def _wf_tiles(xp, m_rows, wf, n_rows, out, t0, t1):
+    # Float weights: xp float32 [M4, KP] (rows padded to 4, columns to KC with zeros).
     o = np.empty(4 * TILE, np.float32)
     for t in range(t0, t1):
-        tile = wf[t] if group == 0 else buf
-        if group:
-            _dequant_tile(wq[t], ws[t], wm[t], group, bias, buf)
-        n0 = t * TILE
-        nr = min(TILE, n_rows - n0)
-        for m0 in range(0, xp.shape[0], 4):
-            o[:] = 0
-            _gemm4_tile(xp, m0, tile, o)
-            for i in range(min(4, m_rows - m0)):
-                out[m0 + i, n0 : n0 + nr] = o[i * TILE : i * TILE + nr]
+        _gemm4_rows(xp, m_rows, wf[t], n_rows, out, 0, t, o)
 
 
 @njit(cache=True, parallel=True)
-def _float_parallel(xp, m_rows, wq, ws, wm, wf, group, bias, n_rows, out, n_workers):
-    n_tiles = max(wq.shape[0], wf.shape[0])
+def _wf_parallel(xp, m_rows, wf, n_rows, out, n_workers):
+    n_tiles = wf.shape[0]
     for w in prange(n_workers):
         t0 = w * n_tiles // n_workers
         t1 = (w + 1) * n_tiles // n_workers
-        _float_tiles(xp, m_rows, wq, ws, wm, wf, group, bias, n_rows, out, t0, t1)
+        _wf_tiles(xp, m_rows, wf, n_rows, out, t0, t1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -560,25 +765,41 @@ def matmul(
         out = np.empty((m_rows, w.n_rows), np.float32)
     elif out.shape != (m_rows, w.n_rows) or out.dtype != np.float32 or not out.flags.c_contiguous:
         raise ValueError(f"out must be C-contiguous float32 {(m_rows, w.n_rows)}")
-    workers = _workers(w.n_tiles, -(-m_rows // 4) * k * w.n_rows)
-    if w.is_float or path == "float":
-        kp = w.wf.shape[1] // TILE if w.is_float else k
-        xp = _padded_rows(x, kp)
-        args_f = (xp, m_rows, w.qs, w.scales, w.mins, w.wf, w.group, w.bias, w.n_rows, out)
+    if w.is_float:
+        xp = _padded_rows(x, w.wf.shape[1] // TILE)
+        workers = _workers(w.n_tiles, -(-m_rows // 4) * k * w.n_rows)
         if workers == 1:
-            _float_tiles(*args_f, 0, w.n_tiles)
+            _wf_tiles(xp, m_rows, w.wf, w.n_rows, out, 0, w.n_tiles)
         else:
-            _float_parallel(*args_f, workers)
+            _wf_parallel(xp, m_rows, w.wf, w.n_rows, out, workers)
         return out
+    col0 = 0
+    for part in w.parts or (w,):
+        _quant_matmul(x, part, out, col0, path == "float")
+        col0 += part.n_rows
+    return out
+
+
+def _quant_matmul(x: np.ndarray, w: PackedWeight, out: np.ndarray, col0: int, fl: bool) -> None:
+    # out[:, col0:col0 + N] of one quantized weight (one type's tiles)
+    kernels = _kernels(w.ggml_type)
+    planes = (w.lo, w.hi, w.d, w.dm, w.sub, w.mins)
+    m_rows = x.shape[0]
+    workers = _workers(w.n_tiles, -(-m_rows // 4) * x.shape[1] * w.n_rows)
+    if fl:
+        xp = _padded_rows(x, x.shape[1])
+        if workers == 1:
+            kernels.float_tiles(xp, m_rows, planes, w.n_rows, out, col0, 0, w.n_tiles)
+        else:
+            kernels.float_parallel(xp, m_rows, planes, w.n_rows, out, col0, workers)
+        return
     # The sums start at -bias * sum(x) to undo the weights' bias; sdot's path has already
     # taken DOT_OFFSET off every weight byte (simd.dot_quads), so less is left to undo.
-    bias = w.bias - (simd.DOT_OFFSET if USE_VNNI else 0)
-    args = (x, w.qs, w.scales, w.mins, w.group, bias, w.n_rows, out)
+    qbias = w.bias - (simd.DOT_OFFSET if USE_VNNI else 0)
     if workers == 1:
-        _int_serial(*args, USE_VNNI)
+        kernels.int_serial(x, planes, qbias, w.n_rows, out, col0, USE_VNNI)
     else:
-        _int_parallel(*args, workers, USE_VNNI)
-    return out
+        kernels.int_parallel(x, planes, qbias, w.n_rows, out, col0, workers, USE_VNNI)
 
 
 def matmul_ref(x: np.ndarray, w_float: np.ndarray) -> np.ndarray:

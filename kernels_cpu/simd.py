@@ -342,6 +342,48 @@ def store_f32(typingctx: Any, arr: Any, idx: Any, value: Any) -> Any:
 
 
 @intrinsic
+def store_quads(typingctx: Any, arr: Any, idx: Any, value: Any) -> Any:
+    """arr[idx:idx+64] = the 4 bytes of each lane (load_quads' inverse), into a byte array."""
+    return types.none(arr, idx, I32X16), _store(_VI, 1)
+
+
+@intrinsic
+def load_f16(typingctx: Any, arr: Any, idx: Any) -> Any:
+    """arr[idx:idx+16] of a uint16 array of IEEE half bit patterns, widened to float32 (exact:
+    every half is a float32; vcvtph2ps on x86, fcvtl on aarch64)."""
+
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        vh = ir.VectorType(ir.HalfType(), LANES)
+        ptr = _addr(context, builder, sig.args[0], args[0], args[1], vh)
+        return builder.fpext(builder.load(ptr, align=2), _VF)
+
+    if not (isinstance(arr, types.Array) and arr.dtype == types.uint16):
+        return None
+    return F32X16(arr, idx), codegen
+
+
+@intrinsic
+def to_f32(typingctx: Any, ints: Any) -> Any:
+    """float32 of each int32 lane."""
+
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        return builder.sitofp(args[0], _VF)
+
+    return F32X16(I32X16), codegen
+
+
+@intrinsic
+def mul_exact(typingctx: Any, a: Any, b: Any) -> Any:
+    """a * b, rounded on its own: no fast-math flag lets LLVM fuse it into a later add (a scale
+    computed so is bit for bit the scalar float32 product)."""
+
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        return builder.fmul(args[0], args[1])
+
+    return F32X16(F32X16, F32X16), codegen
+
+
+@intrinsic
 def fma_int(typingctx: Any, acc: Any, ints: Any, scale: Any) -> Any:
     """acc + float(ints) * scale."""
 

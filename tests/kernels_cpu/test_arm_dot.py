@@ -49,6 +49,7 @@ arm_only = pytest.mark.skipif(
     reason="Numba compiles for this machine only: runs on aarch64 (hardware, or .ci/aarch64)",
 )
 QUANT_TYPES = tuple(mm.QUANT_SPECS)
+ARRAY_FIELDS = ("lo", "hi", "d", "dm", "sub", "mins", "wf")  # PackedWeight's arrays, in order
 ROW_LEN, N_ROWS = 512, 40  # 40 rows: a partial second tile; small enough to stay serial
 
 
@@ -155,7 +156,7 @@ def weights() -> dict[int, tuple[np.ndarray, mm.PackedWeight]]:
             for kind, raw in raws.items():
                 np.testing.assert_array_equal(saved[f"{kind}_raw"], raw)  # not a stale file
                 head = [int(v) for v in saved[f"{kind}_head"]]
-                arrays = [saved[f"{kind}_{f}"] for f in ("qs", "scales", "mins", "wf")]
+                arrays = [saved[f"{kind}_{f}"] for f in ARRAY_FIELDS]
                 out[kind] = (raw, mm.PackedWeight(*head, *arrays))
             return out
     packed = {kind: (raw, mm.pack_weight(raw, kind, ROW_LEN)) for kind, raw in raws.items()}
@@ -164,7 +165,7 @@ def weights() -> dict[int, tuple[np.ndarray, mm.PackedWeight]]:
         for kind, (raw, w) in packed.items():
             fields[f"{kind}_raw"] = raw
             fields[f"{kind}_head"] = np.array([w.ggml_type, w.n_rows, w.row_len, w.group])
-            fields.update({f"{kind}_{f}": getattr(w, f) for f in ("qs", "scales", "mins", "wf")})
+            fields.update({f"{kind}_{f}": getattr(w, f) for f in ARRAY_FIELDS})
         np.savez(store, **fields)  # type: ignore[arg-type]
     return packed
 

@@ -62,13 +62,19 @@ def test_layout_fields(packed: tuple[int, np.ndarray, mm.PackedWeight]) -> None:
     kind, _, w = packed
     assert (w.ggml_type, w.n_rows, w.row_len, w.n_tiles) == (kind, 45, 512, 2)
     if kind in mm.FLOAT_TYPES:
-        assert w.is_float and w.qs.shape == (2, 0)
-    else:
-        spec = mm.QUANT_SPECS[kind]
-        assert w.group == spec.group and w.has_min == spec.has_min
-        assert w.qs.shape == (2, 512 * mm.TILE) and w.qs.dtype == np.uint8
-        assert w.bias == (0 if spec.has_min else mm.BIAS)
-        assert w.scales.shape == (2, 512 // spec.group * mm.TILE)
+        assert w.is_float and w.lo.shape == (2, 0)
+        return
+    spec, lay = mm.QUANT_SPECS[kind], mm.LAYOUTS[kind]
+    assert w.group == spec.group and w.has_min == spec.has_min and w.bias == lay.bias
+    assert w.lo.shape == (2, 512 * mm.TILE * lay.lo_bits // 8) and w.lo.dtype == np.uint8
+    assert w.hi.shape == (2, 512 * mm.TILE * lay.hi_bits // 8)
+    assert w.d.shape == (2, 512 // lay.block * mm.TILE) and w.d.dtype == np.uint16
+    assert w.dm.shape == (2, w.d.shape[1] if spec.has_min else 0)
+    n_sub = 512 // spec.group * mm.TILE if lay.block > 32 else 0
+    assert w.sub.shape == (2, n_sub)
+    # The file's bits per weight, give or take the K-quants' sub-scales kept a byte each.
+    file_bits = spec.nbytes * 8 / spec.block
+    assert file_bits <= w.nbytes * 8 / (2 * mm.TILE * 512) <= file_bits + 0.13
 
 
 def quantized_input(x: np.ndarray) -> np.ndarray:
@@ -199,8 +205,6 @@ def test_pack_weights_matches_parts() -> None:
 @pytest.mark.parametrize(
     "parts, problem",
     [
-        ([(mm.Q5_0, 64, 256), (mm.Q4_1, 32, 256)], "layout"),  # mins on one side only
-        ([(mm.Q5_0, 64, 256), (mm.Q6_K, 32, 256)], "layout"),  # groups of 32 and 16
         ([(mm.Q5_0, 40, 256), (mm.Q5_0, 32, 256)], "whole tiles"),
         ([(mm.Q5_0, 32, 256), (mm.Q5_0, 32, 512)], "row length"),
         ([(mm.Q8_0, 32, 256), (mm.F16, 32, 256)], "float"),
@@ -212,6 +216,25 @@ def test_pack_weights_refuses_parts_that_cannot_share_tiles(
     raws = [(make_raw(t, n, k), t, k) for t, n, k in parts]
     with pytest.raises(ValueError, match=problem):
         mm.pack_weights(raws)
+
+
+def test_pack_weights_of_mixed_layouts() -> None:
+    # Mins on one side only, groups of 32 and 16, the same type twice in a row (one run): each
+    # run of a type is its own sub-weight, writing its columns of the one output.
+    kinds = [(mm.Q5_0, 64), (mm.Q5_0, 32), (mm.Q4_1, 32), (mm.Q6_K, 45)]
+    raws = [(make_raw(t, n, 256, i), t, 256) for i, (t, n) in enumerate(kinds)]
+    w = mm.pack_weights(raws)
+    assert w.ggml_type == -1 and [p.ggml_type for p in w.parts] == [mm.Q5_0, mm.Q4_1, mm.Q6_K]
+    assert w.n_rows == 173 and w.nbytes == sum(p.nbytes for p in w.parts)
+    np.testing.assert_array_equal(
+        mm.unpack_weight(w), np.vstack([oracle(r, t) for r, t, _ in raws])
+    )
+    x = np.random.default_rng(4).standard_normal((5, 256)).astype(np.float32)
+    alone = [mm.matmul(x, mm.pack_weight(*part)) for part in raws]
+    for path in ("int", "float"):
+        want = np.hstack([mm.matmul(x, mm.pack_weight(*p), path=path) for p in raws])
+        np.testing.assert_array_equal(mm.matmul(x, w, path=path), want)
+    np.testing.assert_array_equal(mm.matmul(x[:1], w), np.hstack(alone)[:1])
 
 
 def test_quantize_activations() -> None:
