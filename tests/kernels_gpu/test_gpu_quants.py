@@ -11,44 +11,18 @@ import llmapp.kernels_cpu.threads  # noqa: F401, I001
 torch = pytest.importorskip("torch")
 
 import gguf  # noqa: E402
+import gguf_blocks  # noqa: E402
 from gguf.quants import dequantize as gguf_dequantize  # noqa: E402
 
 from llmapp.kernels_gpu import ops, quants  # noqa: E402
 
-# byte ranges of each block's f16 scale fields: filled with finite values so the comparison
-# is bitwise and never meets NaN payloads
-F16_FIELDS = {
-    quants.Q4_0: [(0, 2)],
-    quants.Q4_1: [(0, 4)],
-    quants.Q5_0: [(0, 2)],
-    quants.Q5_1: [(0, 4)],
-    quants.Q8_0: [(0, 2)],
-    quants.IQ4_NL: [(0, 2)],
-    quants.Q2_K: [(80, 84)],
-    quants.Q3_K: [(108, 110)],
-    quants.Q4_K: [(0, 4)],
-    quants.Q5_K: [(0, 4)],
-    quants.Q6_K: [(208, 210)],
-}
 ROW_LEN = 512
 N_ROWS = 6
 
 
 def random_rows(ggml_type: int, rng: np.random.Generator) -> np.ndarray:
     """uint8 [N_ROWS, row_bytes] of random blocks with sane scales."""
-    values = rng.standard_normal((N_ROWS, ROW_LEN)).astype(np.float32)
-    if ggml_type == quants.F32:
-        return values.view(np.uint8)
-    if ggml_type == quants.F16:
-        return values.astype(np.float16).view(np.uint8)
-    if ggml_type == quants.BF16:
-        return (values.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)
-    block, nbytes = quants.TRAITS[ggml_type]
-    raw = rng.integers(0, 256, (N_ROWS, ROW_LEN // block, nbytes), dtype=np.uint8)
-    for lo, hi in F16_FIELDS[ggml_type]:
-        scales = rng.standard_normal((N_ROWS, ROW_LEN // block, (hi - lo) // 2)) * 0.01
-        raw[:, :, lo:hi] = scales.astype(np.float16).view(np.uint8)
-    return raw.reshape(N_ROWS, -1)
+    return gguf_blocks.random_rows(ggml_type, rng, N_ROWS, ROW_LEN)
 
 
 @pytest.mark.parametrize("ggml_type", sorted(quants.TRAITS))
