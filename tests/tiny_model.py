@@ -110,6 +110,30 @@ def write_chat_model(
     return shards[0] if split_max_tensors and shards else path
 
 
+def write_store(home: Path, layers: dict[str, int], defaults: dict[str, Any] | None = None) -> None:
+    """A model store at `home` ($LLMAPP_HOME) whose models.toml declares tiny:NAME for each
+    name in `layers` (a tiny chat model of that many layers, already pulled and verified), with
+    `defaults` as each entry's [defaults] sampling; tiny:FIRST is the store's default model."""
+    import hashlib
+
+    models = home / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    lines = [f'default = "tiny:{next(iter(layers))}"']
+    for name, n_layer in layers.items():
+        path = write_chat_model(models / f"tiny-{name}.gguf", n_layer=n_layer)
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        (models / f"tiny-{name}.gguf.sha256").write_text(f"{digest}  {path.name}\n")
+        key = f'models."tiny:{name}"'
+        lines += [f"[{key}]", f'file = "{path.name}"', f"size = {path.stat().st_size}"]
+        lines += [f'sha256 = "{digest}"', 'quant = "F32"', 'arch = "llama"']
+        if defaults:
+            lines.append(f"[{key}.defaults]")
+            lines += [f"{k} = {v!r}".replace("'", '"') for k, v in defaults.items()]
+        # Never reached (the file is in place): a pull would fail fast on a closed port.
+        lines += [f"[[{key}.sources]]", 'kind = "url"', f'url = "http://127.0.0.1:9/{path.name}"']
+    (home / "models.toml").write_text("\n".join(lines) + "\n")
+
+
 def script_next(token: int, position: int, n_vocab: int) -> int:
     """The scripted model's next token: a walk over the plain pieces, never a special one."""
     first = len(SPECIALS) + 256

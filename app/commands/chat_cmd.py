@@ -8,7 +8,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from llmapp.app.commands.run_cmds import add_speculative_options, speculative_tokens
+from llmapp.app.commands.run_cmds import (
+    add_offload_options,
+    add_speculative_options,
+    speculative_tokens,
+)
 
 API_KEY_ENV = "LLMAPP_API_KEY"
 
@@ -34,6 +38,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--ctx-size", type=int, default=4096, help="KV cache size in tokens")
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: cores)")
     add_speculative_options(p)
+    add_offload_options(p)
     p.add_argument("--list", action="store_true", help="print saved conversations and exit")
     p.add_argument("--resume", type=int, default=None, metavar="ID", help="open conversation ID")
     p.add_argument(
@@ -80,7 +85,11 @@ def make_backend(args: argparse.Namespace) -> Any:
     from llmapp.app.tui.backend import EngineBackend
 
     return EngineBackend(
-        ctx_size=args.ctx_size, n_threads=args.threads, speculative_tokens=speculative_tokens(args)
+        ctx_size=args.ctx_size,
+        n_threads=args.threads,
+        speculative_tokens=speculative_tokens(args),
+        n_gpu_layers=args.n_gpu_layers,
+        gpu_margin=args.gpu_margin,
     )
 
 

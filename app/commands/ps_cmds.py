@@ -131,16 +131,19 @@ def run_ps(args: argparse.Namespace) -> int:
 def print_ps_table(models: list[dict[str, Any]], now: float) -> None:
     from llmapp.app.progress import human_bytes
 
-    rows = [("NAME", "SIZE", "MEMORY", "CONTEXT", "SESSIONS", "LOADED")]
+    rows = [("NAME", "SIZE", "MEMORY", "CONTEXT", "PROCESSOR", "SESSIONS", "LOADED")]
     for m in models:
         running, waiting = m.get("sessions_running", 0), m.get("sessions_waiting", 0)
         sessions = f"{running} running" + (f", {waiting} waiting" if waiting else "")
+        split = m.get("offload") or {}
+        processor = f"{split['layers']}/{split['of']} on {split['device']}" if split else "CPU"
         rows.append(
             (
                 str(m.get("name", "?")),
                 human_bytes(m.get("size_bytes", 0)),
                 human_bytes(m.get("memory_bytes", 0)),
                 str(m.get("ctx_size", "?")),
+                processor,
                 sessions,
                 _ago(now - float(m.get("loaded_at", now))),
             )

@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from llmapp.app.server import completions
 from llmapp.app.server.errors import APIError, install_error_handlers
 from llmapp.app.server.metrics import metrics_text
-from llmapp.app.server.pool import ModelPool, PoolConfig
+from llmapp.app.server.pool import ModelPool, PoolConfig, offload_of
 from llmapp.app.server.schemas import DetokenizeRequest, StopRequest, TokenizeRequest
 from llmapp.runtime.files import store as model_store
 from llmapp.runtime.text.tokenizer import Tokenizer
@@ -223,6 +223,7 @@ async def ps(request: Request) -> Any:
             "sessions_running": snap["running"],
             "sessions_waiting": snap["waiting"],
             "loaded_at": m.loaded_at,
+            "offload": split.as_dict() if (split := offload_of(m)) is not None else None,
         })  # fmt: skip
     return {"models": rows}
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -96,6 +97,11 @@ def plan_sizing(path: Path, config: PoolConfig) -> Sizing:
                 code="kv_memory_too_small",
             )
     return Sizing(ctx, pool_tokens, path.stat().st_size + per_token * pool_tokens)
+
+
+def offload_of(model: LoadedModel) -> Any:
+    """The model's OffloadInfo when some of its layers run on a GPU, else None."""
+    return getattr(getattr(model.engine, "runner", None), "offload", None)
 
 
 class ModelPool:
@@ -204,6 +210,9 @@ class ModelPool:
             raise from_runtime(exc) from None
         model.memory_bytes = sizing.memory_bytes
         self._loaded[key] = model
+        split = offload_of(model)
+        if split is not None:  # the layer split, as `run --verbose` prints it
+            print(f"llmapp serve: {self.public_name(key)}: {split.describe()}", file=sys.stderr)
         return model
 
     def _resolve(self, key: str) -> Path:

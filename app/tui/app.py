@@ -133,6 +133,9 @@ class ChatScreen(Screen[None]):
             await self.backend.load(model, progress=self._pull_progress(model), cancel=cancel)
             self.model_state[model] = "ready"
             self._set_meta(self._last_model_key(), model)
+            split = getattr(self.backend, "describe_load", lambda _m: None)(model)
+            if split:
+                self.notify(f"{model}: {split}", timeout=8)
         except PullCancelled:
             self.model_state[model] = "not pulled"
             error = f"pull of {model} cancelled (ctrl+o picks another model)"
@@ -528,6 +531,8 @@ def status_text(model: str, state: str, reply: Any, stats: BackendStats | None) 
         parts.append(f"KV {stats.kv_usage_percent:.0f}%")
     if stats is not None and stats.running is not None:
         parts.append(f"{stats.running} running")
+    if stats is not None and stats.offload:
+        parts.append(stats.offload)
     return " · ".join(parts)
 
 

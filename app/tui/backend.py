@@ -74,6 +74,7 @@ class BackendStats:
     running: int | None = None
     waiting: int | None = None
     kv_usage_percent: float | None = None
+    offload: str | None = None  # the layer split when some layers run on a GPU
 
 
 class Cancel:
@@ -233,9 +234,13 @@ class EngineBackend:
         n_threads: int | None = None,
         engines: dict[str, Any] | None = None,
         speculative_tokens: int = 0,
+        n_gpu_layers: int | str = 0,
+        gpu_margin: int = 512 << 20,
     ) -> None:
         """engines: already loaded Engines by model name (borrowed: close() leaves them up)."""
         self.ctx_size = ctx_size
+        self.n_gpu_layers = n_gpu_layers
+        self.gpu_margin = gpu_margin
         self.n_threads = n_threads
         self.speculative_tokens = speculative_tokens
         self._engines: dict[str, Any] = dict(engines or {})
@@ -276,7 +281,12 @@ class EngineBackend:
     def _open(self, path: Path) -> Any:
         from llmapp.runtime import Engine, EngineOptions, RunnerOptions
 
-        runner = RunnerOptions(ctx_size=self.ctx_size, n_threads=self.n_threads)
+        runner = RunnerOptions(
+            ctx_size=self.ctx_size,
+            n_threads=self.n_threads,
+            n_gpu_layers=self.n_gpu_layers,
+            gpu_margin=self.gpu_margin,
+        )
         return Engine(
             path, EngineOptions(runner=runner, speculative_tokens=self.speculative_tokens)
         )
@@ -345,7 +355,15 @@ class EngineBackend:
         if engine is None:
             return BackendStats()
         snap = engine.metrics_snapshot()
-        return BackendStats(snap["running"], snap["waiting"], snap["kv_usage_percent"])
+        split = getattr(getattr(engine, "runner", None), "offload", None)
+        offload = f"{split.layers}/{split.of} layers on {split.device}" if split else None
+        return BackendStats(snap["running"], snap["waiting"], snap["kv_usage_percent"], offload)
+
+    def describe_load(self, model: str) -> str | None:
+        """The offload split of a loaded model, as `run --verbose` prints it (None: all CPU)."""
+        engine = self._engines.get(model)
+        split = getattr(getattr(engine, "runner", None), "offload", None)
+        return str(split.describe()) if split is not None else None
 
     async def close(self) -> None:
         for task in list(self._loads.values()):

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import pytest
-from tiny_model import write_chat_model
+from tiny_model import write_store
 
 from llmapp.app.cli import main
 
@@ -16,26 +15,7 @@ from llmapp.app.cli import main
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """$LLMAPP_HOME whose models.toml declares tiny:x (pulled) with greedy, 3-token defaults."""
     monkeypatch.setenv("LLMAPP_HOME", str(tmp_path))
-    models = tmp_path / "models"
-    models.mkdir()
-    path = write_chat_model(models / "tiny-x.gguf", n_layer=1)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    (models / "tiny-x.gguf.sha256").write_text(f"{digest}  {path.name}\n")
-    lines = [
-        '[models."tiny:x"]',
-        f'file = "{path.name}"',
-        f"size = {path.stat().st_size}",
-        f'sha256 = "{digest}"',
-        'quant = "F32"',
-        'arch = "llama"',
-        '[models."tiny:x".defaults]',
-        "temperature = 0.0",
-        "max_tokens = 3",
-        '[[models."tiny:x".sources]]',  # never reached: the file is in place
-        'kind = "url"',
-        'url = "http://127.0.0.1:9/tiny-x.gguf"',
-    ]
-    (tmp_path / "models.toml").write_text("\n".join(lines) + "\n")
+    write_store(tmp_path, {"x": 1}, defaults={"temperature": 0.0, "max_tokens": 3})
     return tmp_path
 
 

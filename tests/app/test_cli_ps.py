@@ -68,9 +68,13 @@ def test_table_like_ollama_ps(capsys: pytest.CaptureFixture[str]) -> None:
         "sessions_waiting": 1,
         "loaded_at": now - 125,
     }
-    print_ps_table([row, {**row, "name": "gemma3:270m", "loaded_at": now - 7200}], now=now)
+    split = {"device": "cuda:0", "layers": 13, "of": 25, "weight_bytes": 1, "kv_bytes": 1}
+    other = {**row, "name": "gemma3:270m", "loaded_at": now - 7200, "offload": split}
+    print_ps_table([row, other], now=now)
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["NAME", "SIZE", "MEMORY", "CONTEXT", "SESSIONS", "LOADED"]
+    header = ["NAME", "SIZE", "MEMORY", "CONTEXT", "PROCESSOR", "SESSIONS", "LOADED"]
+    assert lines[0].split() == header
+    assert "  CPU  " in lines[1] and "  13/25 on cuda:0  " in lines[2]
     assert lines[1].split("  ")[0] == "smollm2:135m"
     for text in ("98.4 MB", "475.8 MB", "8192", "2 running, 1 waiting", "2 minutes ago"):
         assert text in lines[1]
@@ -143,7 +147,7 @@ def test_ps_and_stop_against_a_live_server(server: str, tmp_path: Path) -> None:
     assert stopped.returncode == 0 and stopped.stderr == "stopped smollm2:135m\n"
     after = llmapp("ps", "--port", server, "--api-key", KEY)
     assert after.returncode == 0 and after.stdout.split() == [
-        *("NAME", "SIZE", "MEMORY", "CONTEXT", "SESSIONS", "LOADED")
+        *("NAME", "SIZE", "MEMORY", "CONTEXT", "PROCESSOR", "SESSIONS", "LOADED")
     ]
     again = llmapp("stop", "smollm2:135m", "--port", server, "--api-key", KEY)
     assert again.returncode == 0 and again.stderr == "smollm2:135m was not running\n"

@@ -4,12 +4,11 @@ their own; loading on first use, least-recently-used unloading, budgets, names."
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tiny_model import write_chat_model
+from tiny_model import write_store
 
 from llmapp.app.server.errors import APIError
 from llmapp.app.server.pool import ModelPool, PoolConfig, parse_size, plan_sizing
@@ -20,27 +19,7 @@ from llmapp.runtime import SamplingParams
 def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """$LLMAPP_HOME with two tiny models, tiny:a and tiny:b, as pulled catalog entries."""
     monkeypatch.setenv("LLMAPP_HOME", str(tmp_path))
-    models = tmp_path / "models"
-    models.mkdir()
-    lines = ['default = "tiny:a"']
-    for name, layers in (("a", 1), ("b", 2)):
-        path = write_chat_model(models / f"tiny-{name}.gguf", n_layer=layers)
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        (models / f"tiny-{name}.gguf.sha256").write_text(f"{digest}  {path.name}\n")
-        lines += [
-            f'[models."tiny:{name}"]',
-            f'file = "{path.name}"',
-            f"size = {path.stat().st_size}",
-            f'sha256 = "{digest}"',
-            'quant = "F32"',
-            'arch = "llama"',
-            '[models."tiny:' + name + '".defaults]',
-            "temperature = 0.0",
-            '[[models."tiny:' + name + '".sources]]',  # never reached: the file is in place
-            'kind = "url"',
-            f'url = "http://127.0.0.1:9/tiny-{name}.gguf"',
-        ]
-    (tmp_path / "models.toml").write_text("\n".join(lines) + "\n")
+    write_store(tmp_path, {"a": 1, "b": 2}, defaults={"temperature": 0.0})
     yield tmp_path
 
 
