@@ -76,7 +76,6 @@ class Scheduler:
         self.kv = kv
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -117,8 +116,7 @@ class Scheduler:
         self.kv.free(seq.blocks)
         seq.num_computed = 0
         seq.status = SeqStatus.WAITING
-        seq.num_preemptions += 1
-        self.num_preemptions += 1
+        seq.num_preemptions += 1  # the engine's metrics count them from step.preempted
         self.waiting.appendleft(seq)
         step.preempted.append(seq)
         if seq in step.seqs:
