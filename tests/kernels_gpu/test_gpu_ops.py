@@ -61,18 +61,19 @@ def test_gated_activations() -> None:
     )
 
 
+@pytest.mark.parametrize("cache_type", ["f16", "f32", "q8_0"])
 @pytest.mark.parametrize("window", [0, 5])
-def test_paged_attention(window: int) -> None:
-    """Two sequences (a prefill of 7 rows and a decode row), GQA 4:2, shuffled blocks."""
+def test_paged_attention(window: int, cache_type: str) -> None:
+    """Two sequences (a prefill of 7 rows and a decode row), GQA 4:2, shuffled blocks; the
+    stored values match the CPU kernels' bit for bit (float16 rounding, q8_0 quantization)."""
     rng = np.random.default_rng(3)
-    block_size, n_kv, n_head, dim = 4, 2, 4, 8
-    k_cache = np.zeros((8, block_size, n_kv, dim), np.float32)
-    v_cache = np.zeros_like(k_cache)
+    block_size, n_kv, n_head, dim = 4, 2, 4, 32
+    caches = cpu_attention.alloc_kv(8, block_size, n_kv, dim, cache_type)
     tables = np.array([[5, 2, -1], [0, 7, 3]], dtype=np.int32)
     seq_lens = np.array([7, 10], dtype=np.int32)
     positions = np.array([0, 1, 2, 3, 4, 5, 6, 9], dtype=np.int32)
     starts = np.array([0, 7, 8], dtype=np.int32)
-    kt, vt = attention.alloc_kv(8, block_size, n_kv, dim, torch.device("cpu"))
+    tensors = attention.alloc_kv(8, block_size, n_kv, dim, torch.device("cpu"), cache_type)
     # every key of both sequences, written through slots (slot -1: a padding row)
     for s in range(2):
         pos = np.arange(seq_lens[s])
@@ -80,22 +81,24 @@ def test_paged_attention(window: int) -> None:
         slots = np.concatenate([slots, [-1]])
         k = rng.standard_normal((len(slots), n_kv, dim)).astype(np.float32)
         v = rng.standard_normal((len(slots), n_kv, dim)).astype(np.float32)
-        cpu_attention.write_kv(k_cache, v_cache, k, v, slots)
-        attention.write_kv(kt, vt, t(k), t(v), t(slots))
-    np.testing.assert_array_equal(kt.numpy(), k_cache)
-    np.testing.assert_array_equal(vt.numpy(), v_cache)
+        cpu_attention.write_kv(caches[0], caches[1], k, v, slots, *caches[2:])
+        attention.write_kv(tensors[0], tensors[1], t(k), t(v), t(slots), *tensors[2:])
+    for got_cache, want_cache in zip(tensors, caches, strict=True):
+        np.testing.assert_array_equal(got_cache.numpy(), want_cache)
+    scales = dict(zip(("k_scale", "v_scale"), caches[2:], strict=False))
     q = rng.standard_normal((8, n_head, dim)).astype(np.float32)
     args = (tables, seq_lens, starts, positions, 0.35, window)
-    want = cpu_attention.paged_attention_ref(q, k_cache, v_cache, *args)
+    want = cpu_attention.paged_attention_ref(q, caches[0], caches[1], *args, **scales)
     got = attention.paged_attention(
         t(q),
-        kt,
-        vt,
+        tensors[0],
+        tensors[1],
         tables.tolist(),
         seq_lens.tolist(),
         starts.tolist(),
         t(positions.astype(np.int64)),
         0.35,
         window,
+        *tensors[2:],
     ).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
