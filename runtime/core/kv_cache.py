@@ -23,6 +23,28 @@ from dataclasses import dataclass, field
 
 from llmapp.runtime.errors import LlmappError
 
+CACHE_TYPES = ("f16", "f32", "q8_0")
+"""How K/V values are stored (`--cache-type`): float16 (llama.cpp's default too), float32, or
+ggml's Q8_0 layout (blocks of 32 int8 with one float16 scale)."""
+DEFAULT_CACHE_TYPE = "f16"
+Q8_BLOCK = 32
+
+
+def kv_row_bytes(head_dim: int, cache_type: str) -> int:
+    """Bytes of one stored head row (head_dim values of K, or of V) in a cache type."""
+    if cache_type == "f32":
+        return 4 * head_dim
+    if cache_type == "f16":
+        return 2 * head_dim
+    if cache_type == "q8_0":
+        return head_dim + 2 * -(-head_dim // Q8_BLOCK)
+    raise ValueError(f"unknown KV cache type {cache_type!r} ({', '.join(CACHE_TYPES)})")
+
+
+def kv_bytes_per_token(n_layer: int, n_head_kv: int, head_dim: int, cache_type: str) -> int:
+    """KV cache bytes one token takes across all layers (K and V)."""
+    return n_layer * 2 * n_head_kv * kv_row_bytes(head_dim, cache_type)
+
 
 class OutOfBlocksError(LlmappError):
     """The pool has no free block left; the scheduler preempts instead of failing."""

@@ -34,7 +34,12 @@ class Backend(Protocol):
     ) -> None: ...
     def swiglu(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray: ...
     def gelu_tanh_mul(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray: ...
-    def alloc_kv(self, num_blocks: int, block_size: int, n_kv: int, head_dim: int) -> Any: ...
+    def alloc_kv(
+        self, num_blocks: int, block_size: int, n_kv: int, head_dim: int, cache_type: str = "f16"
+    ) -> Any:
+        """One layer's K/V blocks in a cache type (f16, f32, q8_0: runtime/core/kv_cache.py)."""
+        ...
+
     def write_kv(self, kv: Any, k: np.ndarray, v: np.ndarray, slots: np.ndarray) -> None: ...
     def attention(
         self, q: np.ndarray, kv: Any, batch: ForwardBatch, scale: float, window: int
@@ -80,9 +85,13 @@ def _paged_args(
     q: np.ndarray, kv: Any, batch: ForwardBatch, scale: float, window: int
 ) -> tuple[Any, ...]:
     """paged_attention's arguments (and its reference's) from a batch, less the output."""
-    k_cache, v_cache = kv
     seqs = (batch.block_tables, batch.seq_lens, batch.query_start_loc, batch.positions)
-    return (q, k_cache, v_cache, *seqs, scale, window)
+    return (q, kv[0], kv[1], *seqs, scale, window)
+
+
+def _kv_scales(kv: Any) -> dict[str, Any]:
+    """A q8_0 layer's (k, v, k_scale, v_scale) scales as keywords; none for f16 and f32."""
+    return dict(zip(("k_scale", "v_scale"), kv[2:], strict=False))
 
 
 class CPUBackend:
@@ -141,18 +150,20 @@ class CPUBackend:
     def gelu_tanh_mul(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
         return self._ops.gelu_tanh_mul(gate, up)
 
-    def alloc_kv(self, num_blocks: int, block_size: int, n_kv: int, head_dim: int) -> Any:
-        shape = (num_blocks, block_size, n_kv, head_dim)
-        return (np.zeros(shape, dtype=np.float32), np.zeros(shape, dtype=np.float32))
+    def alloc_kv(
+        self, num_blocks: int, block_size: int, n_kv: int, head_dim: int, cache_type: str = "f16"
+    ) -> Any:
+        return self._attention.alloc_kv(num_blocks, block_size, n_kv, head_dim, cache_type)
 
     def write_kv(self, kv: Any, k: np.ndarray, v: np.ndarray, slots: np.ndarray) -> None:
-        self._attention.write_kv(kv[0], kv[1], k, v, slots)
+        self._attention.write_kv(kv[0], kv[1], k, v, slots, *kv[2:])
 
     def attention(
         self, q: np.ndarray, kv: Any, batch: ForwardBatch, scale: float, window: int
     ) -> np.ndarray:
         out = np.empty_like(q)
-        self._attention.paged_attention(*_paged_args(q, kv, batch, scale, window), out)
+        args = _paged_args(q, kv, batch, scale, window)
+        self._attention.paged_attention(*args, out, **_kv_scales(kv))
         return out
 
     def vector(self, v: np.ndarray) -> Any:
@@ -171,7 +182,8 @@ class ReferenceBackend(CPUBackend):
 
     Weights are dequantized whole at load (the one place that is allowed), so this backend
     is the yardstick the fast kernels and the model code are checked against. Embedding
-    lookups and KV writes (exact copies) are the CPU backend's.
+    lookups and KV writes (stored in the cache type, as the fast kernels store them) are
+    the CPU backend's.
     """
 
     name = "reference"
@@ -205,7 +217,8 @@ class ReferenceBackend(CPUBackend):
     def attention(
         self, q: np.ndarray, kv: Any, batch: ForwardBatch, scale: float, window: int
     ) -> np.ndarray:
-        return self._attention.paged_attention_ref(*_paged_args(q, kv, batch, scale, window))
+        args = _paged_args(q, kv, batch, scale, window)
+        return self._attention.paged_attention_ref(*args, **_kv_scales(kv))
 
 
 def _omp_settings_first() -> None:
@@ -291,12 +304,15 @@ class TorchBackend:
     def gelu_tanh_mul(self, gate: Any, up: Any) -> Any:
         return self._ops.gelu_tanh_mul(gate, up)
 
-    def alloc_kv(self, num_blocks: int, block_size: int, n_kv: int, head_dim: int) -> Any:
-        return self._attention.alloc_kv(num_blocks, block_size, n_kv, head_dim, self.device)
+    def alloc_kv(
+        self, num_blocks: int, block_size: int, n_kv: int, head_dim: int, cache_type: str = "f16"
+    ) -> Any:
+        dims = (num_blocks, block_size, n_kv, head_dim)
+        return self._attention.alloc_kv(*dims, self.device, cache_type)
 
     def write_kv(self, kv: Any, k: Any, v: Any, slots: np.ndarray) -> None:
         slot_t = self._cached(slots, "slots", lambda a: self._upload(a.astype(np.int64)))
-        self._attention.write_kv(kv[0], kv[1], k, v, slot_t)
+        self._attention.write_kv(kv[0], kv[1], k, v, slot_t, *kv[2:])
 
     def attention(self, q: Any, kv: Any, batch: ForwardBatch, scale: float, window: int) -> Any:
         positions = self._cached(
@@ -313,6 +329,7 @@ class TorchBackend:
             positions,
             scale,
             window,
+            **_kv_scales(kv),
         )
 
     def vector(self, v: np.ndarray) -> Any:

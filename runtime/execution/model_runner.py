@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from llmapp.runtime.core.batch import ForwardBatch
+from llmapp.runtime.core.kv_cache import CACHE_TYPES, DEFAULT_CACHE_TYPE
 from llmapp.runtime.execution import placement
 from llmapp.runtime.execution.backend import (
     Backend,
@@ -46,6 +47,7 @@ class RunnerOptions:
     backend: str = "cpu"
     n_gpu_layers: NGpuLayers = 0  # slots on the offload device: a count, "auto" or "all"
     gpu_margin: int = placement.DEFAULT_MARGIN  # bytes `auto` leaves free on the device
+    cache_type: str = DEFAULT_CACHE_TYPE  # how K/V are stored: f16, f32 or q8_0
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.ctx_size < self.block_size:
@@ -53,6 +55,8 @@ class RunnerOptions:
         ngl = self.n_gpu_layers
         if not (ngl in ("auto", "all") or (type(ngl) is int and ngl >= 0)):
             raise ValueError(f"n_gpu_layers must be >= 0, 'auto' or 'all', not {ngl!r}")
+        if self.cache_type not in CACHE_TYPES:
+            raise ValueError(f"cache_type must be one of {', '.join(CACHE_TYPES)}")
 
 
 class ModelRunner:
@@ -72,9 +76,9 @@ class ModelRunner:
         )
         self.gguf.release_pages()  # the packed copies are what the kernels read from now on
         cfg = self.config
+        kv_dims = (self.num_blocks, self.block_size, cfg.n_head_kv, cfg.head_dim)
         self.kv_layers: list[Any] = [
-            be.alloc_kv(self.num_blocks, self.block_size, cfg.n_head_kv, cfg.head_dim)
-            for be in self.backends.layers
+            be.alloc_kv(*kv_dims, self.options.cache_type) for be in self.backends.layers
         ]
         self.load_seconds = time.perf_counter() - start
 
@@ -94,7 +98,9 @@ class ModelRunner:
             log.warning(device.warning)
         if device.name is None:
             return on_cpu
-        costs = placement.layer_costs(self.gguf, cfg, self.num_blocks, self.block_size)
+        costs = placement.layer_costs(
+            self.gguf, cfg, self.num_blocks, self.block_size, self.options.cache_type
+        )
         slots = placement.resolve_slots(request, costs, device.free_bytes, self.options.gpu_margin)
         if slots == 0:
             return on_cpu

@@ -16,6 +16,7 @@ import os
 import re
 from dataclasses import dataclass
 
+from llmapp.runtime.core.kv_cache import DEFAULT_CACHE_TYPE, kv_row_bytes
 from llmapp.runtime.errors import LlmappError
 from llmapp.runtime.execution.config import ModelConfig
 from llmapp.runtime.files.gguf_file import GGUFFile
@@ -68,7 +69,7 @@ class LayerCosts:
 
     block_weights: tuple[int, ...]  # per block: every blk.i.* tensor
     head_weights: int  # the output matrix (the tied embedding, when tied) and output_norm
-    kv_per_layer: int  # K and V float32 blocks of one layer
+    kv_per_layer: int  # K and V blocks of one layer, in the KV cache type
     compute: int  # one dequantized tile + a prompt chunk's activations
 
     @property
@@ -91,7 +92,13 @@ class LayerCosts:
         return weights + kv + self.compute
 
 
-def layer_costs(gguf: GGUFFile, cfg: ModelConfig, num_blocks: int, block_size: int) -> LayerCosts:
+def layer_costs(
+    gguf: GGUFFile,
+    cfg: ModelConfig,
+    num_blocks: int,
+    block_size: int,
+    cache_type: str = DEFAULT_CACHE_TYPE,
+) -> LayerCosts:
     blocks = [0] * cfg.n_layer
     for name, info in gguf.tensors.items():
         if name.startswith("blk."):
@@ -100,7 +107,7 @@ def layer_costs(gguf: GGUFFile, cfg: ModelConfig, num_blocks: int, block_size: i
                 blocks[il] += info.n_bytes
     head = "token_embd.weight" if cfg.tied_embeddings else "output.weight"
     head_bytes = gguf.tensors[head].n_bytes + gguf.tensors["output_norm.weight"].n_bytes
-    kv = 2 * num_blocks * block_size * cfg.n_embd_kv * 4
+    kv = 2 * num_blocks * block_size * cfg.n_head_kv * kv_row_bytes(cfg.head_dim, cache_type)
     widest = max(cfg.n_vocab, cfg.n_ff, cfg.n_embd_q)
     tile = min(widest * cfg.n_embd, TILE_ELEMENTS) * 4
     acts = COMPUTE_ROWS * (3 * cfg.n_ff + 4 * cfg.n_embd + 2 * cfg.n_embd_q) * 4
