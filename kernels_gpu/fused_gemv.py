@@ -114,13 +114,30 @@ def _gemv_body(
 
 # Triton builds its language for the interpreter or for a GPU once, when it is first imported
 # (TRITON_INTERPRET=1 in the environment then); the kernel follows that choice.
-INTERPRETED = bool(triton.knobs.runtime.interpret)
 _gemv_kernel = triton.jit(_gemv_body)
+INTERPRETED = type(_gemv_kernel).__name__ == "InterpretedFunction"
+
+
+def compile_options(m_pad: int, ggml_type: int) -> dict[str, int | bool]:
+    """The kernel's compile-time arguments for m_pad (a power of two) rows of a type."""
+    qk, type_size = TRAITS[ggml_type]
+    d_off, dm_off = SCALE_FIELDS[ggml_type]
+    return {
+        "QTYPE": ggml_type,
+        "QK": qk,
+        "TYPE_SIZE": type_size,
+        "D_OFF": d_off,
+        "DM_OFF": dm_off,
+        "M_PAD": m_pad,
+        "BLOCK_N": BLOCK_N,
+        "BLOCK_K": block_k(m_pad),
+    }
 
 
 def block_k(m_pad: int) -> int:
-    """Elements of K per step: the [M, BLOCK_N, BLOCK_K] product stays at 4096 values."""
-    return max(32, 4096 // (m_pad * BLOCK_N))
+    """Elements of K per step: the [M, BLOCK_N, BLOCK_K] product stays near 2048 values. Compiled
+    for sm_90 (ptxas -v, no GPU needed), 4096 made the Q4_K kernel of one row spill registers."""
+    return max(32, 2048 // (m_pad * BLOCK_N))
 
 
 def gemv(x: torch.Tensor, data: torch.Tensor, ggml_type: int, row_len: int) -> torch.Tensor:
@@ -130,34 +147,16 @@ def gemv(x: torch.Tensor, data: torch.Tensor, ggml_type: int, row_len: int) -> t
     m, k = x.shape
     if not 1 <= m <= MAX_ROWS or k != row_len:
         raise ValueError(f"x {tuple(x.shape)} does not fit a fused GEMV of rows {row_len}")
-    qk, type_size = TRAITS[ggml_type]
     n = int(data.shape[0])
     x = x.to(torch.float32).contiguous()
     data = data.contiguous()
     out = torch.empty((m, n), dtype=torch.float32, device=x.device)  # [M, N]
-    m_pad = triton.next_power_of_2(m)
-    d_off, dm_off = SCALE_FIELDS[ggml_type]
-    grid = (triton.cdiv(n, BLOCK_N),)
     if (x.device.type == "cuda") == INTERPRETED:
-        raise RuntimeError(
-            f"triton was imported {'with' if INTERPRETED else 'without'} its "
-            f"interpreter: the fused kernel cannot run on {x.device}"
-        )
-    _gemv_kernel[grid](
-        x,
-        data,
-        out,
-        m,
-        n,
-        k,
-        row_nbytes(ggml_type, row_len),
-        QTYPE=ggml_type,
-        QK=qk,
-        TYPE_SIZE=type_size,
-        D_OFF=d_off,
-        DM_OFF=dm_off,
-        M_PAD=m_pad,
-        BLOCK_N=BLOCK_N,
-        BLOCK_K=block_k(m_pad),
-    )
+        state = "with" if INTERPRETED else "without"
+        raise RuntimeError(f"triton was imported {state} its interpreter: no kernel for {x.device}")
+    options = compile_options(triton.next_power_of_2(m), ggml_type)
+    grid = (triton.cdiv(n, BLOCK_N),)
+    # fused multiply-adds: the sums' rounding differs from a GEMM's anyway
+    fusion = {} if INTERPRETED else {"enable_fp_fusion": True}
+    _gemv_kernel[grid](x, data, out, m, n, k, row_nbytes(ggml_type, row_len), **options, **fusion)
     return out

@@ -7,7 +7,9 @@ dequantize-GEMV Triton kernel runs through Triton's interpreter (skipped without
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+from pathlib import Path
 from types import ModuleType
 
 import numpy as np
@@ -169,3 +171,20 @@ def test_fused_selection(interpreted_triton: ModuleType, monkeypatch: pytest.Mon
     assert ops.matmul_path(1, q5_1, CPU, torch.float32) == "float32-gemm"
     with pytest.raises(ValueError):
         interpreted_triton.gemv(activations(9, 64, seed=0), q4.data, quants.Q4_0, 64)
+
+
+def test_fused_kernel_compiles_for_a_gpu() -> None:
+    """The kernel lowers to an sm_90 binary (no GPU needed); a subprocess, as this one's triton
+    may be the interpreter's."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = Path(__file__).with_name("fused_compile.py")
+    result = subprocess.run(
+        [sys.executable, str(script), "1", "8"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("sm_90 cubin") == 2 * len(ops.FUSED_TYPES)
