@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from llmapp.app.commands.run_cmds import (
+    add_cache_type_option,
     add_offload_options,
     add_speculative_options,
     speculative_tokens,
@@ -39,6 +40,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: cores)")
     add_speculative_options(p)
     add_offload_options(p)
+    add_cache_type_option(p)
     p.add_argument("--list", action="store_true", help="print saved conversations and exit")
     p.add_argument("--resume", type=int, default=None, metavar="ID", help="open conversation ID")
     p.add_argument(
@@ -90,6 +92,7 @@ def make_backend(args: argparse.Namespace) -> Any:
         speculative_tokens=speculative_tokens(args),
         n_gpu_layers=args.n_gpu_layers,
         gpu_margin=args.gpu_margin,
+        cache_type=args.cache_type,
     )
 
 

@@ -128,6 +128,18 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ctx-size", type=int, default=4096, help="KV cache size in tokens")
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: cores)")
     add_offload_options(p)
+    add_cache_type_option(p)
+
+
+def add_cache_type_option(p: argparse.ArgumentParser) -> None:
+    from llmapp.runtime.core.kv_cache import CACHE_TYPES, DEFAULT_CACHE_TYPE
+
+    p.add_argument(
+        "--cache-type",
+        choices=CACHE_TYPES,
+        default=DEFAULT_CACHE_TYPE,
+        help="how the KV cache stores keys and values: f16 (default), f32, or q8_0 (8-bit)",
+    )
 
 
 def add_speculative_options(p: argparse.ArgumentParser) -> None:
@@ -201,6 +213,7 @@ def runner_options(args: argparse.Namespace, ctx_size: int, threads: int | None)
         n_threads=threads,
         n_gpu_layers=getattr(args, "n_gpu_layers", 0),
         gpu_margin=getattr(args, "gpu_margin", 512 << 20),
+        cache_type=getattr(args, "cache_type", "f16"),
     )
 
 
@@ -270,6 +283,7 @@ def _add_perplexity(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: cores)")
     add_offload_options(p)
+    add_cache_type_option(p)
     add_quiet_option(p)
     p.set_defaults(handler=cmd_perplexity)
 
@@ -284,6 +298,7 @@ def _add_bench(sub: Any) -> None:
     p.add_argument("-r", "--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: cores)")
     add_offload_options(p)
+    add_cache_type_option(p)
     p.add_argument("--json", action="store_true")
     add_quiet_option(p)
     p.add_argument("--peer", action="store_true", help="also measure llama.cpp (llama-cpp-python)")
@@ -374,6 +389,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     with LoadProgress(args.model, args.quiet) as loading:
         engine = open_engine(path, args.ctx_size, args.threads, args)
         args.offload = engine.runner.offload
+        args.kv_cache = kv_cache_figures(engine.runner)
         try:
             prompt: Any = text
             if not args.raw:
@@ -438,6 +454,8 @@ def report(args: argparse.Namespace, text: str, ids: list[int], last: Any) -> No
     print()
     if args.verbose and getattr(args, "offload", None) is not None:
         print(args.offload.describe(), file=sys.stderr)
+    if args.verbose and getattr(args, "kv_cache", None):
+        print(describe_kv_cache(args.kv_cache), file=sys.stderr)
     if args.verbose:
         print(
             f"prompt {last.usage.prompt_tokens} tokens, {prefill_tps:.1f} t/s; "
@@ -517,9 +535,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         runner = ModelRunner(path, runner_options(args, ctx, threads))
         loading.done()
     ours = run_bench(OurBench(runner), prompts, args.n_gen, args.repeats)
-    offload = runner.offload
+    offload, kv_cache = runner.offload, kv_cache_figures(runner)
     del runner
     out: dict[str, Any] = {"model": args.model, "threads": threads, **ours.as_dict(), **engine_out}
+    out["kv_cache"] = kv_cache
     if offload is not None:
         out["offload"] = offload.as_dict()
     if args.peer:
@@ -629,7 +648,23 @@ def print_bench(out: dict[str, Any], as_json: bool) -> None:
     if peer:
         line += f"   llama.cpp {peer['decode_tps']:8.1f} t/s   ratio {peer['ratios']['decode']}"
     print(line)
+    if "kv_cache" in out:
+        print(f"  {describe_kv_cache(out['kv_cache'])}")
     print_engine_figures(out)
+
+
+def kv_cache_figures(runner: Any) -> dict[str, Any]:
+    """The runner's KV cache: its type, bytes per token (every layer) and bytes in all."""
+    return {
+        "type": runner.options.cache_type,
+        "bytes_per_token": runner.kv_bytes_per_token,
+        "bytes": runner.kv_bytes,
+    }
+
+
+def describe_kv_cache(kv: dict[str, Any]) -> str:
+    per_token = kv["bytes_per_token"] / 1024
+    return f"KV cache {kv['type']}: {per_token:.1f} KiB per token, {kv['bytes'] / 2**20:.1f} MiB"
 
 
 def print_engine_figures(out: dict[str, Any]) -> None:

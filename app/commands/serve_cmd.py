@@ -10,6 +10,7 @@ import sys
 from typing import Any
 
 from llmapp.app.commands.run_cmds import (
+    add_cache_type_option,
     add_offload_options,
     add_speculative_options,
     speculative_tokens,
@@ -46,6 +47,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--max-loaded-models", type=int, default=1, help="models held at once")
     p.add_argument("--memory-budget", default=None, help="e.g. 4GiB: weights+KV of all models")
     p.add_argument("--kv-memory", default=None, help="e.g. 512MiB of KV cache per model")
+    add_cache_type_option(p)
     p.add_argument("--no-pull", action="store_true", help="refuse models not yet pulled")
     add_speculative_options(p)
     p.add_argument("--log-level", default="warning", help="uvicorn's log level")
@@ -126,6 +128,7 @@ def _config(args: argparse.Namespace) -> Any:
             kv_memory=parse_size(args.kv_memory) if args.kv_memory else None,
             speculative_tokens=speculative_tokens(args),
             allow_pull=not args.no_pull,
+            cache_type=args.cache_type,
         )
     except ValueError as exc:
         raise LlmappError(str(exc)) from None

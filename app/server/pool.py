@@ -19,6 +19,7 @@ from typing import Any
 
 from llmapp.app.server.errors import APIError, from_runtime
 from llmapp.runtime import Engine, EngineOptions, RunnerOptions
+from llmapp.runtime.core.kv_cache import CACHE_TYPES, DEFAULT_CACHE_TYPE, kv_bytes_per_token
 from llmapp.runtime.errors import LlmappError, ModelNotFoundError
 from llmapp.runtime.execution.models import load_config
 from llmapp.runtime.files import store as model_store
@@ -43,13 +44,15 @@ class PoolConfig:
     kv_memory: int | None = None  # bytes of KV cache per model (instead of ctx * parallel)
     speculative_tokens: int = 0  # n-gram drafts per step (0: no speculative decoding)
     allow_pull: bool = True
-    kv_bytes_per_element: int = 4  # the KV cache is float32
+    cache_type: str = DEFAULT_CACHE_TYPE  # how K/V are stored: f16, f32 or q8_0
 
     def __post_init__(self) -> None:
         if self.parallel < 1 or self.max_loaded < 1 or self.max_queue < 1:
             raise ValueError("--parallel, --max-loaded-models and --max-queue must be >= 1")
         if self.ctx_size is not None and self.ctx_size < 16:
             raise ValueError("--ctx-size must be at least 16 tokens")
+        if self.cache_type not in CACHE_TYPES:
+            raise ValueError(f"--cache-type must be one of {', '.join(CACHE_TYPES)}")
 
 
 @dataclass
@@ -85,7 +88,7 @@ def plan_sizing(path: Path, config: PoolConfig) -> Sizing:
     with GGUFFile(path) as gguf:
         cfg = load_config(gguf)
     ctx = config.ctx_size or min(int(cfg.context_length), DEFAULT_CTX_CAP)
-    per_token = cfg.n_layer * 2 * cfg.n_head_kv * cfg.head_dim * config.kv_bytes_per_element
+    per_token = kv_bytes_per_token(cfg.n_layer, cfg.n_head_kv, cfg.head_dim, config.cache_type)
     pool_tokens = ctx * config.parallel
     if config.kv_memory is not None:
         pool_tokens = config.kv_memory // per_token
@@ -231,6 +234,7 @@ class ModelPool:
                 n_threads=cfg.threads,
                 n_gpu_layers=cfg.n_gpu_layers,
                 gpu_margin=cfg.gpu_margin,
+                cache_type=cfg.cache_type,
             ),
             max_num_seqs=max(cfg.max_num_seqs, cfg.parallel),
             max_waiting=cfg.max_queue,

@@ -236,11 +236,13 @@ class EngineBackend:
         speculative_tokens: int = 0,
         n_gpu_layers: int | str = 0,
         gpu_margin: int = 512 << 20,
+        cache_type: str = "f16",
     ) -> None:
         """engines: already loaded Engines by model name (borrowed: close() leaves them up)."""
         self.ctx_size = ctx_size
         self.n_gpu_layers = n_gpu_layers
         self.gpu_margin = gpu_margin
+        self.cache_type = cache_type
         self.n_threads = n_threads
         self.speculative_tokens = speculative_tokens
         self._engines: dict[str, Any] = dict(engines or {})
@@ -286,6 +288,7 @@ class EngineBackend:
             n_threads=self.n_threads,
             n_gpu_layers=self.n_gpu_layers,
             gpu_margin=self.gpu_margin,
+            cache_type=self.cache_type,
         )
         return Engine(
             path, EngineOptions(runner=runner, speculative_tokens=self.speculative_tokens)

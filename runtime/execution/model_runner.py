@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from llmapp.runtime.core.batch import ForwardBatch
-from llmapp.runtime.core.kv_cache import CACHE_TYPES, DEFAULT_CACHE_TYPE
+from llmapp.runtime.core.kv_cache import CACHE_TYPES, DEFAULT_CACHE_TYPE, kv_bytes_per_token
 from llmapp.runtime.execution import placement
 from llmapp.runtime.execution.backend import (
     Backend,
@@ -127,6 +127,13 @@ class ModelRunner:
     @property
     def kv_bytes(self) -> int:
         return sum(sum(a.nbytes for a in kv) for kv in self.kv_layers)
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """KV cache bytes one token takes in every layer, in the cache type."""
+        cfg = self.config
+        dims = (cfg.n_layer, cfg.n_head_kv, cfg.head_dim)
+        return kv_bytes_per_token(*dims, self.options.cache_type)
 
 
 def _release_device_arrays(ref: weakref.ref[ModelRunner]) -> None:
