@@ -3,7 +3,14 @@ device is present: CUDA when torch sees one, else torch's CPU device standing in
 (LLMAPP_DEVICE=cpu; those figures measure the code path, not a GPU). Beside each row, llama.cpp
 with the same n_gpu_layers where its build offloads to a GPU.
 
-    python benchmarks/bench_offload.py [MODEL] [--layers 0,1,8,all] [-p 64] [-n 16] [--json]
+Each row says which matmul paths ran (kernels_gpu.ops.path_counts): on CUDA, decode's rows take
+the fused dequantize-GEMV Triton kernel where triton imports ("fused-gemv"), prefill's a float16
+GEMM per dequantized tile ("float16-gemm"); on torch's CPU device both are float32 GEMMs unless
+--gemm-dtype forces the half-precision path (TRITON_INTERPRET=1 would run the fused kernel
+through Triton's interpreter: a correctness tool, far too slow to time).
+
+    python benchmarks/bench_offload.py [MODEL] [--layers 0,1,8,all] [-p 64] [-n 16]
+        [--gemm-dtype auto|float16|bfloat16|float32] [--json]
 """
 
 from __future__ import annotations
@@ -35,7 +42,33 @@ def pick_device(threads: int) -> str:
     return "cpu"
 
 
+def configure_paths(device: str, gemm_dtype: str) -> dict[str, Any]:
+    """Set the GEMM dtype for the device (unless auto); what the matmuls will use."""
+    import torch
+
+    from llmapp.kernels_gpu import ops
+
+    dev = torch.device(device)
+    if gemm_dtype != "auto":
+        ops.GEMM_DTYPES[dev.type] = getattr(torch, gemm_dtype)
+    fused = ops.fused_usable(dev)
+    module = ops.fused_module() if fused else None
+    return {
+        "gemm_dtype": str(ops.gemm_dtype(dev)).removeprefix("torch."),
+        "fused_gemv": fused,
+        "triton": module.TRITON_VERSION if module else None,
+    }
+
+
+def path_summary(counts: dict[tuple[str, str], int]) -> str:
+    parts = [f"{phase} {path} x{n}" for (path, phase), n in sorted(counts.items(), key=str)]
+    return ", ".join(parts) or "none (no layer on the torch device)"
+
+
 def ours(path: Any, ngl: Any, args: argparse.Namespace) -> dict[str, Any]:
+    from llmapp.kernels_gpu import ops
+
+    ops.path_counts.clear()
     ctx = max(args.prompt, DECODE_PROMPT + args.n_gen) + 32
     options = RunnerOptions(ctx_size=ctx, n_threads=args.threads, n_gpu_layers=ngl)
     runner = ModelRunner(path, options)
@@ -47,6 +80,8 @@ def ours(path: Any, ngl: Any, args: argparse.Namespace) -> dict[str, Any]:
         "of": runner.config.n_layer + 1,
         "prefill_tps": round(result.prefill_tps[str(args.prompt)], 2),
         "decode_tps": round(result.decode_tps, 2),
+        "paths": {f"{phase} {p}": n for (p, phase), n in sorted(ops.path_counts.items())},
+        "path_text": path_summary(ops.path_counts),
     }
 
 
@@ -88,10 +123,24 @@ def main() -> None:
     ap.add_argument("-n", "--n-gen", type=int, default=16, help="decode tokens")
     ap.add_argument("-r", "--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--gemm-dtype",
+        default="auto",
+        choices=["auto", "float16", "bfloat16", "float32"],
+        help="the tiled matmul's GEMM dtype on the torch device (auto: CUDA float16, CPU float32)",
+    )
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     device = pick_device(args.threads)
+    setup = configure_paths(device, args.gemm_dtype)
     path = resolve_model(args.model)
+    if not args.json:
+        triton_text = f"triton {setup['triton']}" if setup["triton"] else "not available"
+        print(
+            f"{device}: tiled GEMM in {setup['gemm_dtype']}, fused dequantize-GEMV for decode "
+            f"{triton_text}",
+            flush=True,
+        )
     rows = []
     for text in args.layers.split(","):
         row = ours(path, parse_n_gpu_layers(text), args)
@@ -109,8 +158,9 @@ def main() -> None:
                 f"{row['prefill_tps']:8.1f} t/s, decode {row['decode_tps']:7.1f} t/s{peer_text}",
                 flush=True,
             )
+            print(f"    matmul paths: {row['path_text']}", flush=True)
     if args.json:
-        print(json.dumps({"model": args.model, "device": device, "rows": rows}))
+        print(json.dumps({"model": args.model, "device": device, **setup, "rows": rows}))
 
 
 if __name__ == "__main__":

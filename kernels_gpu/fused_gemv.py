@@ -116,6 +116,7 @@ def _gemv_body(
 # (TRITON_INTERPRET=1 in the environment then); the kernel follows that choice.
 _gemv_kernel = triton.jit(_gemv_body)
 INTERPRETED = type(_gemv_kernel).__name__ == "InterpretedFunction"
+TRITON_VERSION: str = triton.__version__
 
 
 def compile_options(m_pad: int, ggml_type: int) -> dict[str, int | bool]:

@@ -35,8 +35,9 @@ FUSED_TYPES = frozenset({Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K})
 # half-precision GEMMs are slow and serve only to test this path.
 GEMM_DTYPES: dict[str, torch.dtype] = {"cuda": torch.float16}
 
-# How many matmuls took each path since the last clear (benchmarks print it).
-path_counts: Counter[str] = Counter()
+# How many matmuls took each path since the last clear, by (path, "decode" for at most
+# DECODE_MAX_ROWS rows else "prefill"); benchmarks print it so their figures say what ran.
+path_counts: Counter[tuple[str, str]] = Counter()
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,7 @@ def matmul(x: torch.Tensor, w: PackedWeight, dtype: torch.dtype | None = None) -
     """
     dtype = dtype or gemm_dtype(x.device)
     path = matmul_path(int(x.shape[0]), w, x.device, dtype)
-    path_counts[path] += 1
+    path_counts[path, "decode" if x.shape[0] <= DECODE_MAX_ROWS else "prefill"] += 1
     if path == "fused-gemv":
         module = fused_module()
         assert module is not None

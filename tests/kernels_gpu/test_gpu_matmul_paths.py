@@ -111,7 +111,7 @@ def test_default_paths_on_the_cpu_device(monkeypatch: pytest.MonkeyPatch) -> Non
     x = activations(1, 256, seed=6)
     ops.path_counts.clear()
     got = ops.matmul(x, w)
-    assert ops.path_counts == {"float32-gemm": 1}
+    assert ops.path_counts == {("float32-gemm", "decode"): 1}
     assert torch.equal(got, x @ quants.dequantize(w.data, quants.Q4_K, 256).T)
 
 
@@ -154,7 +154,7 @@ def test_fused_gemv_matches_dequantize_matmul(
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     ops.path_counts.clear()
     got = ops.matmul(x, w)
-    assert ops.path_counts == {"fused-gemv": 1}
+    assert ops.path_counts == {("fused-gemv", "decode"): 1}
     want, magnitude = float32_reference(x, w)
     # float32 sums in another order: a few units of float32 rounding of sum |x||W|
     excess = (got.to(torch.float64) - want).abs() - 1e-6 * magnitude
