@@ -37,6 +37,7 @@ from llmapp.runtime.files.gguf_file import GGUFFile
 log = logging.getLogger("llmapp.runtime")
 COMPUTE_THREAD_NAME = "llmapp-compute"  # runtime/core/compute.py's thread
 EXIT_WAIT_S = 2.0
+EMBEDDING = "token_embd.weight"  # looked up row by row from the file at every step
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,12 @@ class ModelRunner:
 
     def forward(self, batch: ForwardBatch) -> np.ndarray:
         """Logits [len(batch.logits_rows), n_vocab], float32."""
-        return self.arch.forward(self.config, self.weights, batch, self.kv_layers, self.backends)
+        logits = self.arch.forward(self.config, self.weights, batch, self.kv_layers, self.backends)
+        # The embedding rows this step looked up were read through the map, and the kernel maps
+        # their neighbours too (~64 KB a row): drop them, or a long session keeps the whole
+        # embedding resident. Refaulting a row from the page cache costs a few microseconds.
+        self.gguf.release_pages([EMBEDDING])
+        return logits
 
     @property
     def kv_bytes(self) -> int:

@@ -17,7 +17,7 @@ import os
 import re
 import struct
 from array import array
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from enum import IntEnum
 from pathlib import Path
@@ -580,16 +580,61 @@ class GGUFFile:
         )
         return flat.reshape(info.n_rows, info.n_bytes // info.n_rows)
 
-    def release_pages(self) -> None:
-        """Drop the map's resident pages (after repacking the weights into our own arrays).
+    def release_pages(self, names: Iterable[str] | None = None) -> None:
+        """Drop resident pages of the map: the named tensors' (after packing them into our
+        own arrays), or every page of every file of the model when no names are given.
 
-        The mapping stays valid: a later read (an embedding row) faults its page back in from
-        the page cache, so only what is still used counts toward resident memory.
+        The mapping is read-only and file-backed, so this loses nothing: a later read (an
+        embedding row) faults its page back in from the page cache, and only what is still
+        used counts toward resident memory. Pages shared with a neighbouring tensor are
+        dropped too; they come back the same way if that tensor is read again.
         """
-        if not self._closed and hasattr(mmap, "MADV_DONTNEED"):
-            self._mm.madvise(mmap.MADV_DONTNEED)
-            for shard in self._shards:
-                shard.release_pages()
+        if self._closed or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        if names is None:
+            for owner in (self, *self._shards):
+                owner._advise(mmap.MADV_DONTNEED, 0, owner.file_size)
+            return
+        for name in names:
+            self._advise_tensor(mmap.MADV_DONTNEED, name)
+
+    def advise_random(self, name: str) -> None:
+        """Tell the kernel a tensor is read a few rows at a time (the token embedding): no
+        read-ahead, and a fault maps one page instead of its neighbours too, so a lookup
+        keeps only the pages of the rows it read resident."""
+        if not self._closed and hasattr(mmap, "MADV_RANDOM"):
+            self._advise_tensor(mmap.MADV_RANDOM, name)
+
+    def resident_bytes(self) -> int | None:
+        """Bytes of the model's files resident in this process's maps (None where the
+        system cannot tell: no mincore-like view through /proc)."""
+        files = {str(p.resolve()) for p in self.files}
+        total, current = 0, ""
+        try:
+            with open("/proc/self/smaps", encoding="utf-8", errors="replace") as smaps:
+                for line in smaps:
+                    head, _, rest = line.partition(" ")
+                    if head.endswith(":"):
+                        if head == "Rss:" and current in files:
+                            total += int(rest.split()[0]) * 1024
+                    else:  # a mapping's first line: range perms offset dev inode [path]
+                        fields = rest.split(maxsplit=4)
+                        current = fields[4].strip() if len(fields) == 5 else ""
+        except OSError:
+            return None
+        return total
+
+    def _advise_tensor(self, option: int, name: str) -> None:
+        info = self.tensor_info(name)
+        owner = self._shards[info.shard - 1] if info.shard else self
+        owner._advise(option, info.offset, info.n_bytes)
+
+    def _advise(self, option: int, offset: int, n_bytes: int) -> None:
+        # madvise wants a page-aligned start; the range is widened to whole pages.
+        start = offset - offset % mmap.PAGESIZE
+        length = min(offset + n_bytes, self.file_size) - start
+        if length > 0 and not self._closed:
+            self._mm.madvise(option, start, length)
 
     # -- lifetime --------------------------------------------------------------------------
 
