@@ -230,15 +230,16 @@ def write_kv(
 
 
 @njit(cache=True, fastmath=True)
-def _score(q, krow, kscale, quantized):
+def _score(q, krow, kscale, quantized, scl):
     # q . k for one key row, in float32; krow is float32, float16 bits, or int8 with scales.
+    # The q8_0 scales are widened into scl first so that one flat loop (d >> 5 picks a value's
+    # scale) vectorizes: a loop per 32-value block ran ~5x slower.
     s = np.float32(0.0)
     if quantized:
         for g in range(kscale.size):
-            part = np.float32(0.0)
-            for d in range(g * 32, g * 32 + 32):
-                part += q[d] * np.float32(krow[d])
-            s += part * _widen(kscale[g])
+            scl[g] = _widen(kscale[g])
+        for d in range(q.size):
+            s += q[d] * np.float32(krow[d]) * scl[d >> 5]
     else:
         for d in range(q.size):
             s += q[d] * _widen(krow[d])
@@ -246,23 +247,23 @@ def _score(q, krow, kscale, quantized):
 
 
 @njit(cache=True, fastmath=True)
-def _accumulate(acc, p, vrow, vscale, quantized):
+def _accumulate(acc, p, vrow, vscale, quantized, scl):
     # acc += p * v for one value row.
     if quantized:
         for g in range(vscale.size):
-            pg = p * _widen(vscale[g])
-            for d in range(g * 32, g * 32 + 32):
-                acc[d] += pg * np.float32(vrow[d])
+            scl[g] = p * _widen(vscale[g])
+        for d in range(acc.size):
+            acc[d] += scl[d >> 5] * np.float32(vrow[d])
     else:
         for d in range(acc.size):
             acc[d] += p * _widen(vrow[d])
 
 
 @njit(cache=True, fastmath=True)
-def _attend_one(q, caches, table, kvh, lo, hi, scale, work, acc, out):
+def _attend_one(q, caches, table, kvh, lo, hi, scale, work, scl, acc, out):
     # out[:] = softmax(scale * q . K[lo:hi+1]) @ V[lo:hi+1] for one query head; keys by position.
     # caches: (k, v, k_scale, v_scale, quantized); work: float32 [3, block_size] scratch
-    # (scores, exp mantissas, exp exponent bits).
+    # (scores, exp mantissas, exp exponent bits); scl: float32 [head_dim // 32] q8_0 scales.
     k_cache, v_cache, k_scale, v_scale, quantized = caches
     block_size = k_cache.shape[1]
     scores = work[0]
@@ -280,7 +281,7 @@ def _attend_one(q, caches, table, kvh, lo, hi, scale, work, acc, out):
         best = np.float32(-np.inf)
         for i in range(n):
             kq = k_scale[blk, off0 + i, kvh] if quantized else k_scale[0, 0, 0]
-            scores[i] = _score(q, k_cache[blk, off0 + i, kvh], kq, quantized) * scale
+            scores[i] = _score(q, k_cache[blk, off0 + i, kvh], kq, quantized, scl) * scale
             best = max(best, scores[i])
         if best > m:  # rescale what was accumulated under the old maximum
             alpha = np.float32(math.exp(m - best)) if m > -np.inf else np.float32(0.0)
@@ -295,7 +296,7 @@ def _attend_one(q, caches, table, kvh, lo, hi, scale, work, acc, out):
             p = mant[i] * pow2[i]
             total += p
             vq = v_scale[blk, off0 + i, kvh] if quantized else v_scale[0, 0, 0]
-            _accumulate(acc, p, v_cache[blk, off0 + i, kvh], vq, quantized)
+            _accumulate(acc, p, v_cache[blk, off0 + i, kvh], vq, quantized, scl)
         j += n
     inv = np.float32(1.0) / total if total > 0 else np.float32(0.0)
     for d in range(acc.size):
@@ -317,6 +318,7 @@ def _paged_attention(
     for w in prange(n_workers):
         work = np.empty((3, k_cache.shape[1]), np.float32)
         acc = np.empty(head_dim, np.float32)
+        scl = np.empty(head_dim // 32 + 1, np.float32)
         for item in range(w, n_items, n_workers):
             t = item // n_head
             h = item % n_head
@@ -326,7 +328,7 @@ def _paged_attention(
             lo = max(0, pos - window + 1) if window > 0 else 0
             table = tables[s]
             kvh = h // group
-            _attend_one(q[t, h], caches, table, kvh, lo, hi, scale, work, acc, out[t, h])
+            _attend_one(q[t, h], caches, table, kvh, lo, hi, scale, work, scl, acc, out[t, h])
 
 
 def _kernel_caches(
