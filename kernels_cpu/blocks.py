@@ -9,7 +9,9 @@ elements into
     mn  float32 [K // G]  the min of each group (types with an offset; none for the others)
 
 such that the element is  sc[k // G] * q[k] - mn[k // G]  (without mins: sc[k // G] * q[k]).
-matmul.py packs q, sc and mn into its tiles. Given a float32 destination instead of an int8
+matmul.py packs q into its tiles' bit planes and, rather than sc and mn, the fields they come
+from as the file stores them (`block_fields`: f16 d and dmin, the K-quants' sub-scale bytes),
+multiplying them out in its kernels as here. Given a float32 destination instead of an int8
 one, the same decoder writes each element's float32 value rather than q (quants.py's
 dequantization, which wants no sc and mn), as the lanes are decoded, so the integers never go
 through memory. The float order is gguf's dequantizer's, so the floats are bit-exact to it:

@@ -1,6 +1,66 @@
 """Matrix multiplication against quantized weights: out[m, n] = sum_k x[m, k] * W[n, k].
 
-LAYOUT_DOC_PLACEHOLDER
+Weights are repacked once at load into compact tiles of TILE (32) output rows, about the file's
+size: each type keeps its own bits (LAYOUTS), and the kernels unpack them in registers right
+before the int8 dot products. A weight's integer q becomes u = q + bias >= 0 (bias per type: 8
+for Q4_0, 16 Q5_0, 32 Q6_K, 4 Q3_K, 128 Q8_0 and IQ4_NL, 0 for the types with mins), split into
+a low plane of lo_bits (8, 4 or 2) and a high plane of hi_bits (0, 1 or 2) per weight:
+
+    lo, hi  uint8  [T, K*TILE*bits/8]  per 32 columns (chunk c) and plane, `bits` pairs of
+                                       64-byte vectors: byte [c*128*bits + p*128 + r*4 + j]
+                                       holds, at bit (i % per) * bits, the bits of u of row r,
+                                       column 32c + 4i + j, quad-step i = p*per + i % per
+                                       (per = 8 / bits quad-steps share a byte)
+    d, dm   uint16 [T, K/block*TILE]   f16 bits of d (and m or dmin) per block and row: 32
+                                       columns, or a K-quant's 256
+    sub     uint8  [T, K/G*TILE]       K-quants: the sub-scale of each group of G columns (an
+                                       int8 for Q3_K/Q6_K; Q2_K: scale | min << 4)
+    mins    uint8  [T, K/G*TILE]       Q4_K/Q5_K: each group's sub-block min
+
+Rows are in the SIMD lanes with 4 consecutive columns per lane, so one 64-byte load of a plane
+holds lanes 0-15 (or 16-31) of `per` quad-steps: u = (lo >> shift) & mask | (hi bits) << lo_bits,
+a few shifts and masks (IQ4_NL: a code book lookup) per vpdpbusd. A group's scale is
+float32(d) * float32(sub) in float32 and its min dmin * float32(min) (Q4_1/Q5_1: -m), the
+values blocks.py computes, so W[n, k] = scale * (u - bias) - min as before. Bits per weight
+(file): Q4_0 4.5 (4.5), Q4_1 5 (5), Q5_0 5.5 (5.5), Q5_1 6 (6), Q8_0 8.5 (8.5), IQ4_NL 4.5
+(4.5), Q2_K 2.625 (2.625), Q3_K 3.5625 (3.4375), Q4_K 4.625 (4.5), Q5_K 5.625 (5.5), Q6_K 6.5625
+(6.5625), in bits; rows are padded to whole tiles. A Qwen2.5-0.5B decode step reads 389 MB of
+packed weights, 1.003x the file's matrices (the byte-per-weight layout before: 569 MB, 1.45x).
+Float weights (F32, F16, BF16) keep float32 tiles in `wf` ([T, KP * TILE], k-major, KP = K
+padded); F16/BF16 matrices are rare (norms are vectors) and take 2x their file size there.
+
+Why rows in lanes: VNNI's vpdpbusd multiplies 4 unsigned bytes by 4 signed bytes and sums them
+into one int32 lane, 16 lanes at once; with 4 consecutive columns of a row in each lane and the
+rows in the lanes, one instruction does 64 multiply-adds for 16 output rows against one
+broadcast group of 4 activation bytes, with no horizontal reduction. The bias costs nothing:
+sum(u * x) = sum(q * x) + bias * sum(x), and the last term is one integer per activation row
+and group, the accumulator's starting value.
+
+Paths:
+- int8 (every quantized weight, any number of rows): activations quantized once per call to
+  int8 blocks of 32 (float scale, per-group sums); int32 sums per group, one float multiply-add
+  per group by weight scale * activation scale, one for the mins. 4 activation rows share each
+  unpacked weight quad (simd.py: explicit vectors in registers); for a few types, from
+  UNPACK_ROWS rows on, each tile is unpacked once into its byte-per-weight form (qs[(k//4)*128
+  + r*4 + k%4] = u, float32 scales and mins) in a thread-local buffer and the rows run over
+  that. Integer sums are exact and the float operations are the same in every variant, so a
+  row's bits do not depend on the path, on its batch, or on the instruction: the portable code
+  for CPUs without VNNI (AVX-512BW: vpmaddwd), and aarch64's usdot (i8mm: unsigned by signed
+  bytes, as vpdpbusd) or sdot (dotprod: signed only, so it takes u - 128 and the sums start
+  128 * sum(x) higher). smmla/usmmla (i8mm's 2x8 by 8x2 tiles) would need 8 columns of 2 weight
+  rows against 2 activation rows per register: another layout, for a gain to be measured on
+  ARM hardware.
+- float (float weights; path="float"): each tile is dequantized to float once into a
+  thread-local buffer and a float FMA kernel runs all rows against it, 4 rows per pass;
+  ~120 Gmac/s at M=128, a third of the int8 path, but exact in the activations.
+BLAS is not used: it could only serve float weights (it is ~10% faster than the float path at
+M >= 128 on an idle machine, a third of the int8 path's speed), and OpenBLAS's own threads spin
+after each call and fight the Numba threads for the 2 cores. The float path on quantized
+weights (path="float") is kept as a check of the int8 path, exact in the activations.
+Decode is bound by memory, not by these kernels: layout size is speed there.
+Measured on one thread (CPU time, Zen 5, shared machine), ffn_up Q5_0 4864x896 / ffn_down Q4_K
+896x4864: M=1 from memory 0.20 / 0.16 ms (byte-per-weight layout: 0.26 / 0.30), M=8 0.27 /
+0.25 ms (0.25 / 0.24), M=128 5.4 / 4.2 ms (5.3 / 4.4), M=512 20.5 / 16.6 ms (19.4 / 17.8).
 """
 
 from __future__ import annotations
@@ -37,6 +97,13 @@ SERIAL_MACS = 1 << 19
 """Below this many weight elements times 4-row passes (N * K * ceil(M / 4)) a matmul runs on
 the calling thread: ~5-7 us of work, where a 2-thread launch stops paying (measured: 576x576
 at M=1 7.0 us serial, 9.3 parallel; at M=8 21.6 / 17.5)."""
+UNPACK_ROWS = {IQ4_NL: 8, Q2_K: 32, Q3_K: 32, Q6_K: 32}
+"""Read at each call: from this many activation rows on, the int8 path unpacks each compact
+tile of the type once into the byte-per-weight form and runs over that; below it (and for types
+not here, at any M) it unpacks in registers for each 4 rows. Measured per type (one thread,
+K=4864): in registers was as fast or faster at every M up to 512 for the others; these gain
+10-45% at M=128 from unpacking (IQ4_NL's code book lookups, the 2- and 6-bit planes' shifts).
+Tests change it to run both ways."""
 PATHS = ("auto", "int", "float")
 """matmul's path argument: auto is int8 for quantized weights at any M (fastest measured at
 every M from 1 to 512, VNNI or not), float for float weights."""
@@ -520,6 +587,20 @@ def _gemm4_tile(x, m0, wf, o):
 # every shift and mask is an immediate and no branch on the type is left in a loop.
 
 
+@njit(cache=True)
+def _aligned_bytes(n):
+    # uint8 [n] from a 64-byte boundary: Numba's np.empty gives 32, and a 64-byte vector load
+    # from such a buffer straddles two cache lines every time (measured: up to 2x slower).
+    raw = np.empty(n + 64, np.uint8)
+    off = (-raw.ctypes.data) % 64
+    return raw[off : off + n]
+
+
+@njit(cache=True)
+def _aligned_f32(n):
+    return _aligned_bytes(4 * n).view(np.float32)
+
+
 @functools.cache
 def _kernels(kind: int) -> SimpleNamespace:
     """The compiled kernels of one quantized type's compact tiles."""
@@ -598,6 +679,42 @@ def _kernels(kind: int) -> SimpleNamespace:
         simd.store_f32(o, 16, f1)
 
     @njit(cache=True)
+    def dot4(lo, hi, d, dm, sb, mn, xq, xs, xsum, xcorr, m0, o, vnni):
+        # o[i*TILE:(i+1)*TILE] = row m0+i against one tile, i < 4: _dot4_tile's operations,
+        # each quad of weights unpacked once for the 4 rows.
+        x0, x1, x2, x3 = xq[m0], xq[m0 + 1], xq[m0 + 2], xq[m0 + 3]
+        f00 = f01 = f10 = f11 = f20 = f21 = f30 = f31 = simd.f32_zero()
+        for c in range(x0.size // 32):
+            for gg in range(per_chunk):
+                g = c * per_chunk + gg
+                i00 = i01 = simd.i32_splat(xcorr[m0, g])
+                i10 = i11 = simd.i32_splat(xcorr[m0 + 1, g])
+                i20 = i21 = simd.i32_splat(xcorr[m0 + 2, g])
+                i30 = i31 = simd.i32_splat(xcorr[m0 + 3, g])
+                for ii in range(steps):
+                    i = gg * steps + ii
+                    w0, w1 = quad(lo, hi, c, i, 0), quad(lo, hi, c, i, 1)
+                    at = 32 * c + 4 * i
+                    b = simd.broadcast_quad(x0, at)
+                    i00, i01 = simd.dot_quads(i00, w0, b, vnni), simd.dot_quads(i01, w1, b, vnni)
+                    b = simd.broadcast_quad(x1, at)
+                    i10, i11 = simd.dot_quads(i10, w0, b, vnni), simd.dot_quads(i11, w1, b, vnni)
+                    b = simd.broadcast_quad(x2, at)
+                    i20, i21 = simd.dot_quads(i20, w0, b, vnni), simd.dot_quads(i21, w1, b, vnni)
+                    b = simd.broadcast_quad(x3, at)
+                    i30, i31 = simd.dot_quads(i30, w0, b, vnni), simd.dot_quads(i31, w1, b, vnni)
+                s0, n0 = scales(d, dm, sb, mn, g, 0)
+                s1, n1 = scales(d, dm, sb, mn, g, 1)
+                sm = (s0, s1, n0, n1)
+                a = xsum[m0, g], xsum[m0 + 1, g], xsum[m0 + 2, g], xsum[m0 + 3, g]
+                f00, f01 = _group_end(f00, f01, i00, i01, sm, xs[m0, c], a[0], has_min)
+                f10, f11 = _group_end(f10, f11, i10, i11, sm, xs[m0 + 1, c], a[1], has_min)
+                f20, f21 = _group_end(f20, f21, i20, i21, sm, xs[m0 + 2, c], a[2], has_min)
+                f30, f31 = _group_end(f30, f31, i30, i31, sm, xs[m0 + 3, c], a[3], has_min)
+        for r, v in enumerate((f00, f01, f10, f11, f20, f21, f30, f31)):
+            simd.store_f32(o, 16 * r, v)
+
+    @njit(cache=True)
     def unpack(lo, hi, d, dm, sb, mn, bq, bs, bm):
         # One tile into the byte-per-weight form: bq uint8 [K*TILE], bs/bm float32 [K/G*TILE]
         # (bm only with mins).
@@ -619,25 +736,29 @@ def _kernels(kind: int) -> SimpleNamespace:
             unpack(lo[t], hi[t], d[t], dm[t], sb[t], mn[t], qs[t], ws[t], wm[t])
 
     @njit(cache=True)
-    def int_tiles(xq, xs, xsum, xcorr, m_rows, planes, n_rows, out, col0, t0, t1, vnni):
-        # M = 1: straight from the planes. More rows: each tile unpacked once into a buffer,
-        # then 4 rows per pass over it (the unpacking is shared by all of them).
+    def int_tiles(
+        xq, xs, xsum, xcorr, m_rows, planes, n_rows, out, col0, t0, t1, vnni, unpack_rows
+    ):
+        # Below unpack_rows rows: straight from the planes, 4 rows per pass. From there on:
+        # each tile unpacked once into a buffer, then 4 rows per pass over it.
         lo, hi, d, dm, sb, mn = planes
-        k = xq.shape[1]
-        o = np.empty(4 * TILE, np.float32)
-        bq = np.empty(k * TILE if m_rows > 1 else 0, np.uint8)
-        bs = np.empty(k // group * TILE if m_rows > 1 else 0, np.float32)
-        bm = np.empty(k // group * TILE if m_rows > 1 and has_min else 0, np.float32)
+        k, direct = xq.shape[1], m_rows < unpack_rows
+        o = _aligned_f32(4 * TILE)
+        bq = _aligned_bytes(0 if direct else k * TILE)
+        bs = _aligned_f32(0 if direct else k // group * TILE)
+        bm = _aligned_f32(k // group * TILE if not direct and has_min else 0)
         for t in range(t0, t1):
             n0 = t * TILE
             nr = min(TILE, n_rows - n0)
-            if m_rows == 1:
-                dot1(lo[t], hi[t], d[t], dm[t], sb[t], mn[t], xq, xs, xsum, xcorr, 0, o, vnni)
-                out[0, col0 + n0 : col0 + n0 + nr] = o[:nr]
-                continue
-            unpack(lo[t], hi[t], d[t], dm[t], sb[t], mn[t], bq, bs, bm)
+            tile = (lo[t], hi[t], d[t], dm[t], sb[t], mn[t])
+            if not direct:
+                unpack(*tile, bq, bs, bm)
             for m0 in range(0, m_rows, 4):
-                if m_rows - m0 == 1:
+                if direct and m_rows - m0 == 1:
+                    dot1(*tile, xq, xs, xsum, xcorr, m0, o, vnni)
+                elif direct:
+                    dot4(*tile, xq, xs, xsum, xcorr, m0, o, vnni)
+                elif m_rows - m0 == 1:
                     _dot1_tile(bq, bs, bm, xq, xs, xsum, xcorr, m0, group, o, vnni)
                 else:
                     _dot4_tile(bq, bs, bm, xq, xs, xsum, xcorr, m0, group, o, vnni)
@@ -645,21 +766,22 @@ def _kernels(kind: int) -> SimpleNamespace:
                     out[m0 + r, col0 + n0 : col0 + n0 + nr] = o[r * TILE : r * TILE + nr]
 
     @njit(cache=True)
-    def int_serial(x, planes, qbias, n_rows, out, col0, vnni):
+    def int_serial(x, planes, qbias, n_rows, out, col0, vnni, unpack_rows):
         # Quantizing inside the compiled call saves a dispatch and the allocations' round trips.
         xq, xs, xsum, xcorr = _quantize(x, group, has_min, qbias, 4)
         n_tiles = planes[0].shape[0]
-        int_tiles(xq, xs, xsum, xcorr, x.shape[0], planes, n_rows, out, col0, 0, n_tiles, vnni)
+        args = (xq, xs, xsum, xcorr, x.shape[0], planes, n_rows, out, col0)
+        int_tiles(*args, 0, n_tiles, vnni, unpack_rows)
 
     @njit(cache=True, parallel=True)
-    def int_parallel(x, planes, qbias, n_rows, out, col0, n_workers, vnni):
+    def int_parallel(x, planes, qbias, n_rows, out, col0, n_workers, vnni, unpack_rows):
         xq, xs, xsum, xcorr = _quantize(x, group, has_min, qbias, 4)  # before the threads
         n_tiles = planes[0].shape[0]
         for w in prange(n_workers):
             t0 = w * n_tiles // n_workers
             t1 = (w + 1) * n_tiles // n_workers
             args = (xq, xs, xsum, xcorr, x.shape[0], planes, n_rows, out, col0)
-            int_tiles(*args, t0, t1, vnni)
+            int_tiles(*args, t0, t1, vnni, unpack_rows)
 
     @njit(cache=True)
     def float_tiles(xp, m_rows, planes, n_rows, out, col0, t0, t1):
@@ -667,11 +789,11 @@ def _kernels(kind: int) -> SimpleNamespace:
         # float kernel over it.
         lo, hi, d, dm, sb, mn = planes
         k = xp.shape[1]
-        bq = np.empty(k * TILE, np.uint8)
-        bs = np.empty(k // group * TILE, np.float32)
-        bm = np.empty(k // group * TILE if has_min else 0, np.float32)
-        buf = np.empty(k * TILE, np.float32)
-        o = np.empty(4 * TILE, np.float32)
+        bq = _aligned_bytes(k * TILE)
+        bs = _aligned_f32(k // group * TILE)
+        bm = _aligned_f32(k // group * TILE if has_min else 0)
+        buf = _aligned_f32(k * TILE)
+        o = _aligned_f32(4 * TILE)
         for t in range(t0, t1):
             unpack(lo[t], hi[t], d[t], dm[t], sb[t], mn[t], bq, bs, bm)
             _dequant_tile(bq, bs, bm, group, bias, buf)
@@ -796,10 +918,12 @@ def _quant_matmul(x: np.ndarray, w: PackedWeight, out: np.ndarray, col0: int, fl
     # The sums start at -bias * sum(x) to undo the weights' bias; sdot's path has already
     # taken DOT_OFFSET off every weight byte (simd.dot_quads), so less is left to undo.
     qbias = w.bias - (simd.DOT_OFFSET if USE_VNNI else 0)
+    unpack_rows = UNPACK_ROWS.get(w.ggml_type, 1 << 62)
     if workers == 1:
-        kernels.int_serial(x, planes, qbias, w.n_rows, out, col0, USE_VNNI)
+        kernels.int_serial(x, planes, qbias, w.n_rows, out, col0, USE_VNNI, unpack_rows)
     else:
-        kernels.int_parallel(x, planes, qbias, w.n_rows, out, col0, workers, USE_VNNI)
+        args = (x, planes, qbias, w.n_rows, out, col0, workers)
+        kernels.int_parallel(*args, USE_VNNI, unpack_rows)
 
 
 def matmul_ref(x: np.ndarray, w_float: np.ndarray) -> np.ndarray:

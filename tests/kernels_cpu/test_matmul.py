@@ -147,6 +147,19 @@ def test_row_result_independent_of_batch(kind: int) -> None:
     np.testing.assert_array_equal(mm.matmul(x[:2], w), together[:2])
 
 
+@pytest.mark.parametrize("kind", list(mm.QUANT_SPECS), ids=type_name)
+def test_unpacked_tiles_match_registers(kind: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The two ways of the int8 path (planes unpacked in registers per 4 rows, or each tile once
+    # into the byte-per-weight form) give the same bits, 1-row kernel and 4-row passes alike.
+    w = mm.pack_weight(make_raw(kind, 40, 512), kind, 512)
+    x = np.random.default_rng(8).standard_normal((6, 512)).astype(np.float32)
+    monkeypatch.setattr(mm, "UNPACK_ROWS", {})
+    direct = mm.matmul(x, w)
+    monkeypatch.setattr(mm, "UNPACK_ROWS", {kind: 2})
+    np.testing.assert_array_equal(mm.matmul(x, w), direct)
+    np.testing.assert_array_equal(mm.matmul(x[:2], w), direct[:2])
+
+
 @pytest.mark.skipif(not mm.USE_VNNI, reason="no VNNI here: both runs would be the portable code")
 @pytest.mark.parametrize("kind", [mm.Q4_1, mm.Q5_0, mm.Q2_K, mm.Q3_K, mm.Q6_K, mm.IQ4_NL])
 @pytest.mark.parametrize("m_rows", [1, 6])
