@@ -2,11 +2,19 @@
 
 Activations are float32 [M, K] (M token rows); heads are [M, H, D]. Every function works on
 whatever device its tensors live on (CUDA, or torch's CPU device in tests).
+
+A matmul takes one of three paths (matmul_path says which): decode's few rows on CUDA, where
+triton imports, one fused dequantize-GEMV kernel over the packed blocks (fused_gemv.py); else the
+weight is dequantized tile by tile and each tile is one GEMM, in float16 on CUDA (prefill), in
+float32 on the CPU device (bit-exact tiles, the reference the others are tested against). Tests
+run the float16/bfloat16 GEMMs on the CPU device by choosing the dtype, and the fused kernel
+through Triton's interpreter (TRITON_INTERPRET=1).
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from functools import cache
@@ -83,12 +91,17 @@ def _interpreter_forced() -> bool:
     return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes")
 
 
+# Device types where the fused kernel failed to build or launch (Triton also needs a host C
+# compiler and a driver it supports): their matmuls dequantize + GEMM from then on.
+fused_failed: set[str] = set()
+
+
 def fused_usable(device: torch.device) -> bool:
     """The fused kernel runs compiled on CUDA, or through Triton's interpreter on the CPU device
     when TRITON_INTERPRET=1 (tests); triton is imported only when one of those could apply."""
     if device.type == "cpu" and not _interpreter_forced():
         return False
-    if device.type not in ("cuda", "cpu"):
+    if device.type not in ("cuda", "cpu") or device.type in fused_failed:
         return False
     module = fused_module()
     return module is not None and module.INTERPRETED == (device.type == "cpu")
@@ -113,14 +126,26 @@ def matmul(x: torch.Tensor, w: PackedWeight, dtype: torch.dtype | None = None) -
     """
     dtype = dtype or gemm_dtype(x.device)
     path = matmul_path(int(x.shape[0]), w, x.device, dtype)
-    path_counts[path, "decode" if x.shape[0] <= DECODE_MAX_ROWS else "prefill"] += 1
     if path == "fused-gemv":
-        module = fused_module()
-        assert module is not None
-        return module.gemv(x, w.data, w.ggml_type, w.row_len)  # type: ignore[no-any-return]
+        try:
+            out = _fused_gemv(x, w)
+        except Exception as e:  # a Triton build or launch failure: not worth a failed request
+            fused_failed.add(x.device.type)
+            warnings.warn(f"fused GEMV off on {x.device.type}: {e!r}", RuntimeWarning, stacklevel=2)
+            path = matmul_path(int(x.shape[0]), w, x.device, dtype)
+        else:
+            path_counts[path, "decode"] += 1
+            return out
+    path_counts[path, "decode" if x.shape[0] <= DECODE_MAX_ROWS else "prefill"] += 1
     if dtype == torch.float32:
         return _float32_matmul(x, w)
     return _half_matmul(x, w, dtype)
+
+
+def _fused_gemv(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
+    module = fused_module()
+    assert module is not None
+    return module.gemv(x, w.data, w.ggml_type, w.row_len)  # type: ignore[no-any-return]
 
 
 def _float32_matmul(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:

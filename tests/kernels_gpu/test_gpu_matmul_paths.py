@@ -188,3 +188,26 @@ def test_fused_kernel_compiles_for_a_gpu() -> None:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("sm_90 cubin") == 2 * len(ops.FUSED_TYPES)
+
+
+def test_a_failing_fused_kernel_falls_back(
+    interpreted_triton: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kernel that cannot build (Triton without a C compiler, say): a warning, then the
+    dequantize + GEMM path for the rest of the run on that device type."""
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("no C compiler")
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(interpreted_triton, "gemv", broken)
+    monkeypatch.setattr(ops, "fused_failed", set())
+    w = packed(quants.Q8_0, 6, 64, seed=11)
+    x = activations(2, 64, seed=12)
+    ops.path_counts.clear()
+    with pytest.warns(RuntimeWarning, match="no C compiler"):
+        got = ops.matmul(x, w)
+    assert ops.fused_failed == {"cpu"}
+    assert ops.path_counts == {("float32-gemm", "decode"): 1}
+    torch.testing.assert_close(got, x @ quants.dequantize(w.data, quants.Q8_0, 64).T)
+    assert ops.matmul_path(2, w, CPU, torch.float32) == "float32-gemm"
