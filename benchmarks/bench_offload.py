@@ -135,10 +135,15 @@ def main() -> None:
     setup = configure_paths(device, args.gemm_dtype)
     path = resolve_model(args.model)
     if not args.json:
-        triton_text = f"triton {setup['triton']}" if setup["triton"] else "not available"
+        if setup["triton"]:
+            fused_text = f"on (triton {setup['triton']})"
+        elif device.startswith("cuda"):
+            fused_text = "off (triton does not import)"
+        else:
+            fused_text = "off (the CPU device runs it only interpreted, TRITON_INTERPRET=1)"
         print(
-            f"{device}: tiled GEMM in {setup['gemm_dtype']}, fused dequantize-GEMV for decode "
-            f"{triton_text}",
+            f"{device}: tiled GEMM in {setup['gemm_dtype']}; decode's fused dequantize-GEMV "
+            f"{fused_text}",
             flush=True,
         )
     rows = []
