@@ -73,7 +73,7 @@ def packed_bytes_per_token(runner: ModelRunner) -> int:
     """Bytes of weights one decode step reads: every packed matrix and the output head."""
     n = 0
     for layer in runner.weights.layers:
-        for value in layer.values():
+        for value in layer.tensors():
             n += int(getattr(value, "nbytes", 0))
     return n + int(runner.weights.output.nbytes)
 

@@ -64,6 +64,19 @@ def _add_rms_norm_rows(residual, delta, w, eps, out):
 
 
 @njit(cache=True, fastmath=True)
+def _add_normed_rms_norm_rows(residual, delta, delta_w, w, eps, out):
+    # residual += rms_norm(delta) * delta_w, then out = rms_norm(residual) * w (Gemma's
+    # post-norms): the normed delta goes through `out` (a row of scratch) on its way.
+    for m in range(residual.shape[0]):
+        r = residual[m]
+        o = out[m]
+        _rms_norm_row(delta[m], delta_w, eps, o)
+        for k in range(r.size):
+            r[k] += o[k]
+        _rms_norm_row(r, w, eps, o)
+
+
+@njit(cache=True, fastmath=True)
 def _rms_norm_heads(x, w, eps, out):
     for m in range(x.shape[0]):
         for h in range(x.shape[1]):
@@ -86,12 +99,30 @@ def add_rms_norm(
     delta: np.ndarray,
     w: np.ndarray,
     eps: float,
+    delta_w: np.ndarray | None = None,
     out: np.ndarray | None = None,
 ) -> np.ndarray:
-    """residual += delta (in place), then return rms_norm(residual) (the next block's input)."""
+    """residual += delta (in place), then return rms_norm(residual) * w (the next block's
+    input). With delta_w the delta is normed first: residual += rms_norm(delta) * delta_w.
+    out must not alias residual or delta."""
     res = _out_like(residual, out)
-    _add_rms_norm_rows(residual, delta, w, eps, res)
+    if delta_w is None:
+        _add_rms_norm_rows(residual, delta, w, eps, res)
+    else:
+        _add_normed_rms_norm_rows(residual, delta, delta_w, w, eps, res)
     return res
+
+
+def add_rms_norm_ref(
+    residual: np.ndarray,
+    delta: np.ndarray,
+    w: np.ndarray,
+    eps: float,
+    delta_w: np.ndarray | None = None,
+) -> np.ndarray:
+    """numpy reference of add_rms_norm (updates residual in place too)."""
+    residual += delta if delta_w is None else rms_norm_ref(delta, delta_w, eps)
+    return rms_norm_ref(residual, w, eps)
 
 
 def rms_norm_heads(
@@ -135,6 +166,13 @@ def _rope_rows(x, positions, inv_freq, neox, cos_buf, sin_buf):
                 v[b_idx] = a * sin_buf[i] + b * cos_buf[i]
 
 
+@njit(cache=True, fastmath=True)
+def _rope_rows_qk(q, k, positions, inv_freq, neox, cos_buf, sin_buf):
+    # One call for a layer's queries and keys (the per-call cost is the point).
+    _rope_rows(q, positions, inv_freq, neox, cos_buf, sin_buf)
+    _rope_rows(k, positions, inv_freq, neox, cos_buf, sin_buf)
+
+
 @functools.lru_cache(maxsize=64)
 def _inv_freq(base: float, n_rot: int, freq_scale: float) -> np.ndarray:
     i = np.arange(n_rot // 2, dtype=np.float64)
@@ -162,15 +200,27 @@ def rope(
     neox: bool,
     freq_scale: float = 1.0,
     freq_factors: np.ndarray | None = None,
+    k: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Rotate x [M, H, D] in place by positions [M] (any int dtype); returns x."""
+    """Rotate x [M, H, D] in place by positions [M] (any int dtype); returns x.
+
+    With k [M, Hk, D] (a layer's keys beside its queries) both rotate in one call."""
+    _check_n_rot(x, n_rot)
+    inv = rope_frequencies(base, n_rot, freq_scale, freq_factors)
+    if positions.dtype not in (np.int32, np.int64):
+        positions = positions.astype(np.int64)
+    bufs = np.empty((2, n_rot // 2), np.float32)  # cos, sin of one row's angles
+    if k is None:
+        _rope_rows(x, positions, inv, neox, bufs[0], bufs[1])
+    else:
+        _check_n_rot(k, n_rot)
+        _rope_rows_qk(x, k, positions, inv, neox, bufs[0], bufs[1])
+    return x
+
+
+def _check_n_rot(x: np.ndarray, n_rot: int) -> None:
     if n_rot % 2 or n_rot > x.shape[2]:
         raise ValueError(f"n_rot {n_rot} must be even and at most the head size {x.shape[2]}")
-    inv = rope_frequencies(base, n_rot, freq_scale, freq_factors)
-    half = n_rot // 2
-    pos = np.ascontiguousarray(positions, dtype=np.int64)
-    _rope_rows(x, pos, inv, neox, np.empty(half, np.float32), np.empty(half, np.float32))
-    return x
 
 
 def rope_ref(
@@ -290,15 +340,10 @@ def _scale_rows(x, s):
 
 
 def add_(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """a += b for [M, K] arrays (the residual add); returns a."""
+    """a += b for a [M, K] and b [M, K] (a residual add) or b [K] (a bias, added to every
+    row: Qwen2's q/k/v biases); returns a."""
     _add_rows(a, b)
     return a
-
-
-def add_bias_(x: np.ndarray, bias: np.ndarray) -> np.ndarray:
-    """x[m, :] += bias for every row (Qwen2's q/k/v biases); returns x."""
-    _add_rows(x, bias)
-    return x
 
 
 def scale_(x: np.ndarray, s: float) -> np.ndarray:

@@ -28,10 +28,47 @@ class Backend(Protocol):
         self, raw: np.ndarray, ggml_type: int, row_len: int, ids: np.ndarray
     ) -> np.ndarray: ...
     def rms_norm(self, x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray: ...
+    def add_rms_norm(
+        self, x: np.ndarray, delta: np.ndarray, w: np.ndarray, eps: float, delta_w: Any = None
+    ) -> np.ndarray:
+        """The residual add and the next norm in one: x += delta (or, with delta_w, the
+        normed delta rms_norm(delta) * delta_w) in place; returns rms_norm(x) * w."""
+        ...
+
+    def add_(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """x += y in place, y [M, K] like x or a bias [K] added to every row; returns x."""
+        ...
+
+    def scale_(self, x: np.ndarray, s: float) -> np.ndarray:
+        """x *= s in place; returns x."""
+        ...
+
+    def split(self, x: np.ndarray, widths: tuple[int, ...], contiguous: bool) -> list[Any]:
+        """x [M, sum(widths)] cut into column blocks [M, width]: views, or contiguous copies
+        where a view is strided and `contiguous` asks for rows in one piece."""
+        ...
+
+    def view(self, x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        """x's elements in a new shape (the same memory where the layout allows)."""
+        ...
+
+    def rows(self, x: np.ndarray, index: np.ndarray) -> np.ndarray:
+        """x[index] for a host array of row numbers."""
+        ...
+
     def head_rms_norm(self, x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray: ...
-    def rope(
-        self, x: np.ndarray, positions: np.ndarray, base: float, n_rot: int, neox: bool
-    ) -> None: ...
+    def rope_qk(
+        self,
+        q: np.ndarray,
+        k: np.ndarray,
+        positions: np.ndarray,
+        base: float,
+        n_rot: int,
+        neox: bool,
+    ) -> None:
+        """RoPE of q [T, Hq, D] and k [T, Hk, D] in place, by positions [T] (int32)."""
+        ...
+
     def swiglu(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray: ...
     def gelu_tanh_mul(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray: ...
     def alloc_kv(
@@ -136,13 +173,44 @@ class CPUBackend:
     def rms_norm(self, x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
         return self._ops.rms_norm(x, w, eps)
 
+    def add_rms_norm(
+        self, x: np.ndarray, delta: np.ndarray, w: np.ndarray, eps: float, delta_w: Any = None
+    ) -> np.ndarray:
+        return self._ops.add_rms_norm(x, delta, w, eps, delta_w)
+
+    def add_(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        return self._ops.add_(x, y)
+
+    def scale_(self, x: np.ndarray, s: float) -> np.ndarray:
+        return self._ops.scale_(x, s)
+
+    def split(self, x: np.ndarray, widths: tuple[int, ...], contiguous: bool) -> list[Any]:
+        parts, start = [], 0
+        for width in widths:
+            part = x[:, start : start + width]
+            start += width
+            parts.append(np.ascontiguousarray(part) if contiguous else part)
+        return parts
+
+    def view(self, x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        return x.reshape(shape)
+
+    def rows(self, x: np.ndarray, index: np.ndarray) -> np.ndarray:
+        return x[index]
+
     def head_rms_norm(self, x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
         return self._ops.rms_norm_heads(x, w, eps)
 
-    def rope(
-        self, x: np.ndarray, positions: np.ndarray, base: float, n_rot: int, neox: bool
+    def rope_qk(
+        self,
+        q: np.ndarray,
+        k: np.ndarray,
+        positions: np.ndarray,
+        base: float,
+        n_rot: int,
+        neox: bool,
     ) -> None:
-        self._ops.rope(x, positions, base, n_rot, neox)
+        self._ops.rope(q, positions, base, n_rot, neox, k=k)
 
     def swiglu(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
         return self._ops.swiglu(gate, up)
@@ -200,13 +268,33 @@ class ReferenceBackend(CPUBackend):
     def rms_norm(self, x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
         return self._ops.rms_norm_ref(x, w, eps)
 
+    def add_rms_norm(
+        self, x: np.ndarray, delta: np.ndarray, w: np.ndarray, eps: float, delta_w: Any = None
+    ) -> np.ndarray:
+        return self._ops.add_rms_norm_ref(x, delta, w, eps, delta_w)
+
+    def add_(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        x += y
+        return x
+
+    def scale_(self, x: np.ndarray, s: float) -> np.ndarray:
+        x *= np.float32(s)
+        return x
+
     def head_rms_norm(self, x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
         return self._ops.rms_norm_ref(x, w, eps)
 
-    def rope(
-        self, x: np.ndarray, positions: np.ndarray, base: float, n_rot: int, neox: bool
+    def rope_qk(
+        self,
+        q: np.ndarray,
+        k: np.ndarray,
+        positions: np.ndarray,
+        base: float,
+        n_rot: int,
+        neox: bool,
     ) -> None:
-        x[...] = self._ops.rope_ref(x, positions, base, n_rot, neox)
+        q[...] = self._ops.rope_ref(q, positions, base, n_rot, neox)
+        k[...] = self._ops.rope_ref(k, positions, base, n_rot, neox)
 
     def swiglu(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
         return self._ops.swiglu_ref(gate, up)
@@ -288,15 +376,39 @@ class TorchBackend:
     def rms_norm(self, x: Any, w: Any, eps: float) -> Any:
         return self._ops.rms_norm(x, w, eps)
 
+    def add_rms_norm(self, x: Any, delta: Any, w: Any, eps: float, delta_w: Any = None) -> Any:
+        x.add_(delta if delta_w is None else self._ops.rms_norm(delta, delta_w, eps))
+        return self._ops.rms_norm(x, w, eps)
+
+    def add_(self, x: Any, y: Any) -> Any:
+        return x.add_(y)
+
+    def scale_(self, x: Any, s: float) -> Any:
+        return x.mul_(s)
+
+    def split(self, x: Any, widths: tuple[int, ...], contiguous: bool) -> list[Any]:
+        parts = self._torch.split(x, list(widths), dim=1)
+        return [p.contiguous() if contiguous else p for p in parts]
+
+    def view(self, x: Any, shape: tuple[int, ...]) -> Any:
+        return x.reshape(shape)
+
+    def rows(self, x: Any, index: np.ndarray) -> Any:
+        rows = self._cached(index, "rows", lambda a: self._upload(a.astype(np.int64)))
+        return x[rows]
+
     def head_rms_norm(self, x: Any, w: Any, eps: float) -> Any:
         return self._ops.rms_norm(x, w, eps)
 
-    def rope(self, x: Any, positions: np.ndarray, base: float, n_rot: int, neox: bool) -> None:
+    def rope_qk(
+        self, q: Any, k: Any, positions: np.ndarray, base: float, n_rot: int, neox: bool
+    ) -> None:
         def tables(p: np.ndarray) -> Any:
             return self._ops.rope_tables(self._upload(p.astype(np.int64)), base, n_rot)
 
         cos, sin = self._cached(positions, ("rope", base, n_rot), tables)
-        self._ops.rope_(x, cos, sin, neox)
+        self._ops.rope_(q, cos, sin, neox)
+        self._ops.rope_(k, cos, sin, neox)
 
     def swiglu(self, gate: Any, up: Any) -> Any:
         return self._ops.swiglu(gate, up)

@@ -117,6 +117,12 @@ class ModelConfig(HParams):
     def tensor_type_counts(self) -> dict[str, int]:
         return dict(self.tensor_types)
 
+    def window_for(self, layer: int) -> int:
+        """The layer's sliding window, 0 for full attention."""
+        if self.layer_sliding[layer] and self.sliding_window is not None:
+            return self.sliding_window
+        return 0
+
     def rope_base_for(self, layer: int) -> float:
         if self.layer_sliding[layer] and self.rope_base_local is not None:
             return self.rope_base_local

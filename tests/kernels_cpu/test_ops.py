@@ -28,13 +28,19 @@ def test_rms_norm_of_zeros_is_zero() -> None:
     np.testing.assert_array_equal(out, 0.0)
 
 
-def test_add_rms_norm_updates_residual() -> None:
+@pytest.mark.parametrize("normed_delta", [False, True])
+def test_add_rms_norm_updates_residual(normed_delta: bool) -> None:
     res, delta, w = randn(3, 64), randn(3, 64, seed=2), randn(64, seed=3)
-    want_res = res + delta
+    delta_w = randn(64, seed=4) if normed_delta else None
+    want_res = res + (delta if delta_w is None else ops.rms_norm_ref(delta, delta_w, 1e-5))
+    res_ref = res.copy()
+    want = ops.add_rms_norm_ref(res_ref, delta, w, 1e-5, delta_w)
+    np.testing.assert_allclose(res_ref, want_res, rtol=1e-6)
+    np.testing.assert_allclose(want, ops.rms_norm_ref(want_res, w, 1e-5), rtol=1e-6)
     res2 = res.copy()
-    out = ops.add_rms_norm(res2, delta, w, 1e-5)
-    np.testing.assert_allclose(res2, want_res, rtol=1e-6)
-    np.testing.assert_allclose(out, ops.rms_norm_ref(want_res, w, 1e-5), rtol=1e-5, atol=1e-6)
+    out = ops.add_rms_norm(res2, delta, w, 1e-5, delta_w)
+    np.testing.assert_allclose(res2, want_res, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
 
 
 def test_rms_norm_heads_on_strided_view() -> None:
@@ -56,6 +62,17 @@ def test_rope(neox: bool, n_rot: int) -> None:
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6)
     np.testing.assert_array_equal(got[0], x[0])  # position 0 rotates by nothing
     np.testing.assert_array_equal(got[..., n_rot:], x[..., n_rot:])
+
+
+@pytest.mark.parametrize("neox", [False, True])
+def test_rope_rotates_q_and_k_together(neox: bool) -> None:
+    q, k = randn(4, 6, 64), randn(4, 2, 64, seed=1)
+    pos = np.array([0, 7, 300, 9000], np.int32)
+    want_q = ops.rope_ref(q, pos, 10000.0, 32, neox)
+    want_k = ops.rope_ref(k, pos, 10000.0, 32, neox)
+    assert ops.rope(q, pos, 10000.0, 32, neox, k=k) is q
+    np.testing.assert_allclose(q, want_q, rtol=1e-5, atol=2e-6)
+    np.testing.assert_allclose(k, want_k, rtol=1e-5, atol=2e-6)
 
 
 def test_rope_pairs_follow_the_mode() -> None:
@@ -112,6 +129,6 @@ def test_in_place_helpers() -> None:
     want = (a + b + bias) * 3.0
     x = a.copy()
     ops.add_(x, b)
-    ops.add_bias_(x, bias)
+    assert ops.add_(x, bias) is x  # a bias row, added to every row
     assert ops.scale_(x, 3.0) is x
     np.testing.assert_allclose(x, want, rtol=1e-6)

@@ -107,7 +107,7 @@ def test_auto_picks_what_the_estimate_says(
             # what the device really holds: packed matrices and vectors of offloaded parts
             held = device_bytes(runner.weights.output) + device_bytes(runner.weights.output_norm)
             for layer in runner.weights.layers[cfg.n_layer - (want - 1) :]:
-                held += sum(device_bytes(v) for v in layer.values())
+                held += sum(device_bytes(v) for v in layer.tensors())
             assert abs(held - weights) <= 0.1 * weights, (held, weights)
         del runner
     monkeypatch.setenv("LLMAPP_DEVICE_MEMORY", "8MiB")

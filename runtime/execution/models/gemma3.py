@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
 
 from llmapp.runtime.errors import GGUFError
 from llmapp.runtime.execution.config import (
@@ -15,15 +14,13 @@ from llmapp.runtime.execution.config import (
     read_hparams,
     standard_tensor_shapes,
 )
-from llmapp.runtime.execution.models.llama import attention_block, output_head, projections
+from llmapp.runtime.execution.models.llama import forward
 from llmapp.runtime.files.gguf_file import GGUFArray, GGUFFile
 
-if TYPE_CHECKING:
-    from numpy import ndarray as Array
-
-    from llmapp.runtime.core.batch import ForwardBatch
-    from llmapp.runtime.execution.backend import LayerBackends
-    from llmapp.runtime.execution.weights import Weights
+# The forward pass is llama's: this file's config turns on the quirks (scaled input
+# embeddings, q/k head norms, post-attention and post-FFN norms, GELU-tanh gating, per-layer
+# sliding windows with their own RoPE base). The GGUF norm weights already include Gemma's +1.
+__all__ = ["ARCH", "config_from_gguf", "forward"]
 
 # -- config ----------------------------------------------------------------------------------
 
@@ -88,36 +85,3 @@ def _attn_scale(gguf: GGUFFile, hp: HParams) -> float:
     if hp.n_layer == N_LAYER_27B:
         return 1.0 / math.sqrt(hp.n_embd / hp.n_head)
     return 1.0 / math.sqrt(hp.head_dim)
-
-
-# ---- forward -------------------------------------------------------------------------------
-# Quirks live here: scaled input embeddings, q/k head norms, post-attention and post-FFN
-# norms before each residual add, GELU-tanh gating, and per-layer sliding windows with their
-# own RoPE base. The GGUF norm weights already include Gemma's +1.
-
-
-def forward(
-    cfg: ModelConfig,
-    weights: Weights,
-    batch: ForwardBatch,
-    kv_layers: list[Any],
-    backends: LayerBackends,
-) -> Array:
-    """Logits [len(batch.logits_rows), n_vocab] for a batch of sequences."""
-    from llmapp.runtime.execution.backend import move
-
-    be = backends.embed
-    emb = weights.token_embd
-    x = be.embed(emb.data, emb.ggml_type, emb.row_len, batch.token_ids)  # [T, n_embd]
-    x *= x.dtype.type(cfg.embed_scale)  # the embedding is always the CPU's numpy array
-    for il, layer in enumerate(weights.layers):
-        x, be = move(x, be, backends.layers[il]), backends.layers[il]
-        base = cfg.rope_base_for(il)
-        window = (cfg.sliding_window or 0) if cfg.layer_sliding[il] else 0
-        h = be.rms_norm(x, layer["attn_norm"], cfg.norm_eps)
-        a = attention_block(cfg, be, layer, h, batch, kv_layers[il], base, window)
-        x += be.rms_norm(a, layer["post_attention_norm"], cfg.norm_eps)
-        h = be.rms_norm(x, layer["ffn_norm"], cfg.norm_eps)
-        act = be.gelu_tanh_mul(*projections(be, h, layer, "ffn_gate_up", contiguous=False))
-        x += be.rms_norm(be.matmul(act, layer["ffn_down"]), layer["post_ffw_norm"], cfg.norm_eps)
-    return output_head(cfg, weights, x[batch.logits_rows], be, backends.head)
