@@ -72,10 +72,12 @@ class ModelRunner:
         self.num_blocks = -(-self.options.ctx_size // self.block_size)
         self.offload: OffloadInfo | None = None
         self.backends = self._place()
-        self.weights: Weights = load_weights(
-            self.gguf, self.config, self.backend, self.backends.layers, self.backends.head
-        )
-        self.gguf.release_pages()  # the packed copies are what the kernels read from now on
+        # The packed copies are what the kernels read from: the map's pages go as packing
+        # reads them (the largest tensor, the head, would otherwise sit resident twice).
+        with self.gguf.releasing_pages():
+            self.weights: Weights = load_weights(
+                self.gguf, self.config, self.backend, self.backends.layers, self.backends.head
+            )
         cfg = self.config
         kv_dims = (self.num_blocks, self.block_size, cfg.n_head_kv, cfg.head_dim)
         self.kv_layers: list[Any] = [

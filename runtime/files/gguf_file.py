@@ -16,8 +16,10 @@ import mmap
 import os
 import re
 import struct
+import threading
 from array import array
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from enum import IntEnum
 from pathlib import Path
@@ -37,6 +39,7 @@ GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4  # ggml tensors have at most four dimensions
+RELEASE_EVERY_S = 0.02  # releasing_pages: the map holds ~20 ms of reading (a few MB)
 
 _U8 = struct.Struct("<B")
 _U32 = struct.Struct("<I")
@@ -598,12 +601,29 @@ class GGUFFile:
         for name in names:
             self._advise_tensor(mmap.MADV_DONTNEED, name)
 
-    def advise_random(self, name: str) -> None:
-        """Tell the kernel a tensor is read a few rows at a time (the token embedding): no
-        read-ahead, and a fault maps one page instead of its neighbours too, so a lookup
-        keeps only the pages of the rows it read resident."""
-        if not self._closed and hasattr(mmap, "MADV_RANDOM"):
-            self._advise_tensor(mmap.MADV_RANDOM, name)
+    @contextmanager
+    def releasing_pages(self, every_s: float = RELEASE_EVERY_S) -> Iterator[None]:
+        """While the body runs, a thread drops the map's resident pages every `every_s`
+        seconds, so a long sequential read through the map (packing every tensor, the largest
+        first) keeps only what it touched in that time resident, not whole tensors. A page
+        dropped before the reader got to it is faulted back in from the page cache."""
+        stop = threading.Event()
+
+        def drop() -> None:
+            while not stop.wait(every_s):
+                try:
+                    self.release_pages()
+                except ValueError:  # closed meanwhile
+                    return
+
+        thread = threading.Thread(target=drop, name="llmapp-gguf-release", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+            self.release_pages()
 
     def resident_bytes(self) -> int | None:
         """Bytes of the model's files resident in this process's maps (None where the

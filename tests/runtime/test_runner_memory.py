@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,18 @@ def test_release_pages_drops_a_tensor_or_the_whole_map(wide_model: Path) -> None
         assert g.resident_bytes() == 0
         # The map stays valid: a dropped page reads back the same bytes.
         assert int(g.tensor_data(biggest).sum()) > 0
+
+
+def test_releasing_pages_drops_what_a_long_read_touched(wide_model: Path) -> None:
+    with GGUFFile(wide_model) as g:
+        names = [n for n, t in g.tensors.items() if len(t.shape) == 2]
+        with g.releasing_pages(every_s=0.01):
+            for name in names:
+                int(g.tensor_data(name).sum())
+            time.sleep(0.1)  # the releasing thread has run since the last read
+            resident = g.resident_bytes()
+            assert resident is not None and resident < MB
+        assert g.resident_bytes() == 0
 
 
 def test_release_pages_after_close_is_a_no_op(wide_model: Path) -> None:
