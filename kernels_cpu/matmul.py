@@ -97,12 +97,12 @@ SERIAL_MACS = 1 << 19
 """Below this many weight elements times 4-row passes (N * K * ceil(M / 4)) a matmul runs on
 the calling thread: ~5-7 us of work, where a 2-thread launch stops paying (measured: 576x576
 at M=1 7.0 us serial, 9.3 parallel; at M=8 21.6 / 17.5)."""
-UNPACK_ROWS = {IQ4_NL: 8, Q2_K: 32, Q3_K: 32, Q6_K: 32}
+UNPACK_ROWS = {IQ4_NL: 8, Q2_K: 32, Q3_K: 32, Q6_K: 32, Q5_K: 64}
 """Read at each call: from this many activation rows on, the int8 path unpacks each compact
 tile of the type once into the byte-per-weight form and runs over that; below it (and for types
 not here, at any M) it unpacks in registers for each 4 rows. Measured per type (one thread,
-K=4864): in registers was as fast or faster at every M up to 512 for the others; these gain
-10-45% at M=128 from unpacking (IQ4_NL's code book lookups, the 2- and 6-bit planes' shifts).
+896x4864): in registers was as fast or faster at every M up to 512 for the others; these gain
+4-45% at M=128 from unpacking (IQ4_NL's code book lookups, the 2-, 3- and 6-bit planes' shifts).
 Tests change it to run both ways."""
 PATHS = ("auto", "int", "float")
 """matmul's path argument: auto is int8 for quantized weights at any M (fastest measured at
@@ -602,8 +602,10 @@ def _aligned_f32(n):
 
 
 @functools.cache
-def _kernels(kind: int) -> SimpleNamespace:
-    """The compiled kernels of one quantized type's compact tiles."""
+def _kernels(kind: int, vnni: bool = False) -> SimpleNamespace:
+    """The compiled kernels of one quantized type's compact tiles, with the host's dot-product
+    instruction or the portable code (USE_VNNI): a constant, so no branch on it is left in the
+    loops, which LLVM then unrolls (a quad-step's shifts become immediates)."""
     lay, spec = LAYOUTS[kind], SPECS[kind]
     lo_bits, hi_bits, sub, lookup, bias = lay.lo_bits, lay.hi_bits, lay.sub, lay.lookup, lay.bias
     group, has_min = spec.group, spec.has_min
@@ -657,7 +659,7 @@ def _kernels(kind: int) -> SimpleNamespace:
         return s, low
 
     @njit(cache=True)
-    def dot1(lo, hi, d, dm, sb, mn, xq, xs, xsum, xcorr, m, o, vnni):
+    def dot1(lo, hi, d, dm, sb, mn, xq, xs, xsum, xcorr, m, o):
         # o[:TILE] = row m of the activations against one tile, its planes unpacked in
         # registers: the operations of _dot1_tile in the same order, so the same bits.
         x0 = xq[m]
@@ -679,7 +681,7 @@ def _kernels(kind: int) -> SimpleNamespace:
         simd.store_f32(o, 16, f1)
 
     @njit(cache=True)
-    def dot4(lo, hi, d, dm, sb, mn, xq, xs, xsum, xcorr, m0, o, vnni):
+    def dot4(lo, hi, d, dm, sb, mn, xq, xs, xsum, xcorr, m0, o):
         # o[i*TILE:(i+1)*TILE] = row m0+i against one tile, i < 4: _dot4_tile's operations,
         # each quad of weights unpacked once for the 4 rows.
         x0, x1, x2, x3 = xq[m0], xq[m0 + 1], xq[m0 + 2], xq[m0 + 3]
@@ -736,9 +738,7 @@ def _kernels(kind: int) -> SimpleNamespace:
             unpack(lo[t], hi[t], d[t], dm[t], sb[t], mn[t], qs[t], ws[t], wm[t])
 
     @njit(cache=True)
-    def int_tiles(
-        xq, xs, xsum, xcorr, m_rows, planes, n_rows, out, col0, t0, t1, vnni, unpack_rows
-    ):
+    def int_tiles(xq, xs, xsum, xcorr, m_rows, planes, n_rows, out, col0, t0, t1, unpack_rows):
         # Below unpack_rows rows: straight from the planes, 4 rows per pass. From there on:
         # each tile unpacked once into a buffer, then 4 rows per pass over it.
         lo, hi, d, dm, sb, mn = planes
@@ -755,9 +755,9 @@ def _kernels(kind: int) -> SimpleNamespace:
                 unpack(*tile, bq, bs, bm)
             for m0 in range(0, m_rows, 4):
                 if direct and m_rows - m0 == 1:
-                    dot1(*tile, xq, xs, xsum, xcorr, m0, o, vnni)
+                    dot1(*tile, xq, xs, xsum, xcorr, m0, o)
                 elif direct:
-                    dot4(*tile, xq, xs, xsum, xcorr, m0, o, vnni)
+                    dot4(*tile, xq, xs, xsum, xcorr, m0, o)
                 elif m_rows - m0 == 1:
                     _dot1_tile(bq, bs, bm, xq, xs, xsum, xcorr, m0, group, o, vnni)
                 else:
@@ -766,22 +766,22 @@ def _kernels(kind: int) -> SimpleNamespace:
                     out[m0 + r, col0 + n0 : col0 + n0 + nr] = o[r * TILE : r * TILE + nr]
 
     @njit(cache=True)
-    def int_serial(x, planes, qbias, n_rows, out, col0, vnni, unpack_rows):
+    def int_serial(x, planes, qbias, n_rows, out, col0, unpack_rows):
         # Quantizing inside the compiled call saves a dispatch and the allocations' round trips.
         xq, xs, xsum, xcorr = _quantize(x, group, has_min, qbias, 4)
         n_tiles = planes[0].shape[0]
         args = (xq, xs, xsum, xcorr, x.shape[0], planes, n_rows, out, col0)
-        int_tiles(*args, 0, n_tiles, vnni, unpack_rows)
+        int_tiles(*args, 0, n_tiles, unpack_rows)
 
     @njit(cache=True, parallel=True)
-    def int_parallel(x, planes, qbias, n_rows, out, col0, n_workers, vnni, unpack_rows):
+    def int_parallel(x, planes, qbias, n_rows, out, col0, n_workers, unpack_rows):
         xq, xs, xsum, xcorr = _quantize(x, group, has_min, qbias, 4)  # before the threads
         n_tiles = planes[0].shape[0]
         for w in prange(n_workers):
             t0 = w * n_tiles // n_workers
             t1 = (w + 1) * n_tiles // n_workers
             args = (xq, xs, xsum, xcorr, x.shape[0], planes, n_rows, out, col0)
-            int_tiles(*args, t0, t1, vnni, unpack_rows)
+            int_tiles(*args, t0, t1, unpack_rows)
 
     @njit(cache=True)
     def float_tiles(xp, m_rows, planes, n_rows, out, col0, t0, t1):
@@ -904,7 +904,7 @@ def matmul(
 
 def _quant_matmul(x: np.ndarray, w: PackedWeight, out: np.ndarray, col0: int, fl: bool) -> None:
     # out[:, col0:col0 + N] of one quantized weight (one type's tiles)
-    kernels = _kernels(w.ggml_type)
+    kernels = _kernels(w.ggml_type, USE_VNNI and not fl)
     planes = (w.lo, w.hi, w.d, w.dm, w.sub, w.mins)
     m_rows = x.shape[0]
     workers = _workers(w.n_tiles, -(-m_rows // 4) * x.shape[1] * w.n_rows)
@@ -920,10 +920,10 @@ def _quant_matmul(x: np.ndarray, w: PackedWeight, out: np.ndarray, col0: int, fl
     qbias = w.bias - (simd.DOT_OFFSET if USE_VNNI else 0)
     unpack_rows = UNPACK_ROWS.get(w.ggml_type, 1 << 62)
     if workers == 1:
-        kernels.int_serial(x, planes, qbias, w.n_rows, out, col0, USE_VNNI, unpack_rows)
+        kernels.int_serial(x, planes, qbias, w.n_rows, out, col0, unpack_rows)
     else:
         args = (x, planes, qbias, w.n_rows, out, col0, workers)
-        kernels.int_parallel(*args, USE_VNNI, unpack_rows)
+        kernels.int_parallel(*args, unpack_rows)
 
 
 def matmul_ref(x: np.ndarray, w_float: np.ndarray) -> np.ndarray:
