@@ -8,7 +8,11 @@ llama-bench does, so the figures do not depend on a text.
 from __future__ import annotations
 
 import asyncio
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -130,6 +134,86 @@ def run_bench(
     if n_gen > 0:
         result.decode_tps = median_rate(partial(bench.decode, n_gen), repeats)
     return result
+
+
+# ---- bytes a decode step reads, and peak memory of a whole run ------------------------------
+
+RUN_PROMPT = "hi"
+RUN_TOKENS = 32
+RUN_CTX = 2048
+MB = 1e6
+# The peer's side of peak_run_rss: llama.cpp through llama-cpp-python, the same file, context,
+# threads, prompt and number of tokens (its defaults: the file memory-mapped, an f16 KV cache).
+PEER_RUN_SCRIPT = """
+import sys
+import llama_cpp
+path, ctx, threads, prompt, n = sys.argv[1:6]
+llm = llama_cpp.Llama(model_path=path, n_ctx=int(ctx), n_threads=int(threads),
+                      n_threads_batch=int(threads), verbose=False)
+llm.create_completion(prompt, max_tokens=int(n), temperature=0.0)
+"""
+
+
+def _tensor_bytes(values: Any) -> int:
+    # Packed matrices, numpy vectors and torch tensors all have nbytes; bookkeeping does not.
+    return sum(int(getattr(v, "nbytes", 0)) for v in values)
+
+
+def decode_read_bytes(runner: ModelRunner, n_ctx: int) -> dict[str, int]:
+    """Bytes one decode step reads at a context of n_ctx tokens.
+
+    weights: every packed matrix and vector of the blocks, the output head and its norm, and
+    the one embedding row looked up; kv: the K and V of every position each layer attends to
+    (a sliding-window layer at most its window), in the cache's own type.
+    """
+    w = runner.weights
+    weights = 0
+    for layer in w.layers:
+        tensors = layer.tensors() if hasattr(layer, "tensors") else layer.values()
+        weights += _tensor_bytes(tensors)
+    weights += _tensor_bytes([w.output, w.output_norm]) + int(w.token_embd.data.shape[1])
+    cfg = runner.config
+    per_layer_token = runner.kv_bytes_per_token // cfg.n_layer
+    window = cfg.sliding_window or n_ctx
+    kv = sum(
+        per_layer_token * (min(n_ctx, window) if sliding else n_ctx)
+        for sliding in cfg.layer_sliding
+    )
+    return {"weights": weights, "kv": kv, "total": weights + kv}
+
+
+def peak_rss(argv: list[str]) -> int:
+    """Peak resident bytes of a child process run to its end (its ru_maxrss, what
+    `/usr/bin/time -f %M` reports), load and exit included."""
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err
+        )
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            err.seek(0)
+            tail = err.read().decode(errors="replace")[-2000:]
+            raise RuntimeError(f"{argv[:4]} exited with {proc.returncode}: {tail}")
+    return int(usage.ru_maxrss) * 1024  # KiB on Linux
+
+
+def our_run_argv(model: str, threads: int, ctx: int = RUN_CTX, n: int = RUN_TOKENS) -> list[str]:
+    """`llmapp run MODEL hi --max-tokens 32 --ctx-size 2048` as a fresh process."""
+    argv = [sys.executable, "-m", "llmapp.app.cli", "run", model, RUN_PROMPT]
+    return argv + ["--max-tokens", str(n), "--ctx-size", str(ctx), "--threads", str(threads)]
+
+
+def peer_run_argv(path: Path, threads: int, ctx: int = RUN_CTX, n: int = RUN_TOKENS) -> list[str]:
+    """The same run through llama-cpp-python."""
+    args = [str(path), str(ctx), str(threads), RUN_PROMPT, str(n)]
+    return [sys.executable, "-c", PEER_RUN_SCRIPT, *args]
+
+
+def memory_budget(file_bytes: int, kv_bytes: int) -> float:
+    """What a run may hold resident: 1.1 x the file + the KV cache + 200 MB (the
+    interpreter, numpy, numba and its compiled kernels, the tokenizer)."""
+    return 1.1 * file_bytes + kv_bytes + 200 * MB
 
 
 # ---- many sessions at once, through the engine ------------------------------------------------

@@ -512,7 +512,7 @@ def perplexity_with_progress(
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from llmapp.runtime.bench import OurBench, run_bench
+    from llmapp.runtime.bench import DECODE_PROMPT, OurBench, decode_read_bytes, run_bench
     from llmapp.runtime.execution.model_runner import ModelRunner
 
     try:
@@ -536,9 +536,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         loading.done()
     ours = run_bench(OurBench(runner), prompts, args.n_gen, args.repeats)
     offload, kv_cache = runner.offload, kv_cache_figures(runner)
+    # What one decode step reads (weights with the head, K/V at the decode's mean context).
+    read = decode_read_bytes(runner, DECODE_PROMPT + args.n_gen // 2)
     del runner
     out: dict[str, Any] = {"model": args.model, "threads": threads, **ours.as_dict(), **engine_out}
     out["kv_cache"] = kv_cache
+    out["decode_read_bytes"] = read
     if offload is not None:
         out["offload"] = offload.as_dict()
     if args.peer:
@@ -650,6 +653,12 @@ def print_bench(out: dict[str, Any], as_json: bool) -> None:
     print(line)
     if "kv_cache" in out:
         print(f"  {describe_kv_cache(out['kv_cache'])}")
+    if "decode_read_bytes" in out:
+        read = out["decode_read_bytes"]
+        print(
+            f"  read per decoded token: {read['total'] / 1e6:.1f} MB "
+            f"(weights {read['weights'] / 1e6:.1f} + KV {read['kv'] / 1e6:.2f})"
+        )
     print_engine_figures(out)
 
 
