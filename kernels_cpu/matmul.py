@@ -57,10 +57,12 @@ BLAS is not used: it could only serve float weights (it is ~10% faster than the 
 M >= 128 on an idle machine, a third of the int8 path's speed), and OpenBLAS's own threads spin
 after each call and fight the Numba threads for the 2 cores. The float path on quantized
 weights (path="float") is kept as a check of the int8 path, exact in the activations.
-Decode is bound by memory, not by these kernels: layout size is speed there.
-Measured on one thread (CPU time, Zen 5, shared machine), ffn_up Q5_0 4864x896 / ffn_down Q4_K
-896x4864: M=1 from memory 0.20 / 0.16 ms (byte-per-weight layout: 0.26 / 0.30), M=8 0.27 /
-0.25 ms (0.25 / 0.24), M=128 5.4 / 4.2 ms (5.3 / 4.4), M=512 20.5 / 16.6 ms (19.4 / 17.8).
+Decode is bound by memory and by the unpacking: layout size is speed there. Measured on one
+thread (CPU time, Zen 5; the shared machine's wall times were too noisy), against the
+byte-per-weight layout before: the Qwen2.5-0.5B decode step 27.2 -> 19.5 ms (q|k|v, gate|up
+fused: 25.1 -> 18.8; 8 sessions fused: 49.6 -> 45.4); ffn_up Q5_0 4864x896 / ffn_down Q4_K
+896x4864: M=1 from memory 0.20 / 0.16 ms (0.26 / 0.30), M=8 0.26 / 0.25 ms (0.25 / 0.24),
+M=128 5.3 / 4.2 ms (5.3 / 4.4), M=512 20.4 / 16.6 ms (19.4 / 17.8).
 """
 
 from __future__ import annotations
