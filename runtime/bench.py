@@ -8,11 +8,9 @@ llama-bench does, so the figures do not depend on a text.
 from __future__ import annotations
 
 import asyncio
-import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -182,20 +180,25 @@ def decode_read_bytes(runner: ModelRunner, n_ctx: int) -> dict[str, int]:
     return {"weights": weights, "kv": kv, "total": weights + kv}
 
 
+# peak_rss's launcher: a child forked straight from a large process (a benchmark holding a
+# model and a 1 GiB bandwidth buffer) starts out counting that process's pages, and Linux keeps
+# that high-water mark across exec; forked from this small launcher it starts near 10 MB.
+PEAK_LAUNCHER = """
+import resource, subprocess, sys
+done = subprocess.run(sys.argv[1:], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+print(done.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+"""
+
+
 def peak_rss(argv: list[str]) -> int:
     """Peak resident bytes of a child process run to its end (its ru_maxrss, what
     `/usr/bin/time -f %M` reports), load and exit included."""
-    with tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err
-        )
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        if proc.returncode != 0:
-            err.seek(0)
-            tail = err.read().decode(errors="replace")[-2000:]
-            raise RuntimeError(f"{argv[:4]} exited with {proc.returncode}: {tail}")
-    return int(usage.ru_maxrss) * 1024  # KiB on Linux
+    launcher = [sys.executable, "-c", PEAK_LAUNCHER, *argv]
+    done = subprocess.run(launcher, capture_output=True, text=True, check=True)
+    code, kib = done.stdout.split()
+    if int(code) != 0:
+        raise RuntimeError(f"{argv[:4]} exited with {code}: {done.stderr[-2000:]}")
+    return int(kib) * 1024  # KiB on Linux
 
 
 def our_run_argv(model: str, threads: int, ctx: int = RUN_CTX, n: int = RUN_TOKENS) -> list[str]:

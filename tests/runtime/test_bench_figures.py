@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from llmapp.runtime.bench import (
@@ -42,6 +43,12 @@ def test_peak_rss_sees_a_child_allocation() -> None:
     assert peak_rss(argv) > 80 * MB
     with pytest.raises(RuntimeError, match="exited with 3"):
         peak_rss([sys.executable, "-c", "raise SystemExit(3)"])
+
+
+def test_peak_rss_does_not_count_this_process() -> None:
+    big = np.ones(200_000_000 // 8)  # 200 MB resident here, not in the child
+    assert peak_rss([sys.executable, "-c", "pass"]) < 100 * MB
+    del big
 
 
 def test_run_commands_and_budget() -> None:
