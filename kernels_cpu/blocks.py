@@ -323,7 +323,7 @@ def _rows_q6_k(src, sc, dst, rows, row_bytes, nb):
 # Entry point
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def decode_rows(
     type_id: int,
     data: np.ndarray,

@@ -68,6 +68,7 @@ M=128 5.3 / 4.2 ms (5.3 / 4.4), M=512 20.4 / 16.6 ms (19.4 / 17.8).
 from __future__ import annotations
 
 import functools
+from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 from typing import NamedTuple
 
@@ -267,13 +268,26 @@ def _pack_quant(parts: list[tuple[np.ndarray, int, int]]) -> PackedWeight:
     kind, row_len = parts[0][1], parts[0][2]
     n_tiles = sum(-(-raw.shape[0] // TILE) for raw, _, _ in parts)
     arrays = _empty_quant(kind, n_tiles, row_len)
-    t0 = 0
+    jobs, t0 = [], 0
     for raw, _, _ in parts:
         for r0 in range(0, raw.shape[0], PACK_ROWS):
-            rows = np.ascontiguousarray(raw[r0 : r0 + PACK_ROWS])
+            rows = raw[r0 : r0 + PACK_ROWS]
             n = -(-rows.shape[0] // TILE)
-            _pack_rows(rows, kind, row_len, {k: a[t0 : t0 + n] for k, a in arrays.items()})
+            jobs.append((rows, {k: a[t0 : t0 + n] for k, a in arrays.items()}))
             t0 += n
+
+    def pack(job: tuple[np.ndarray, dict[str, np.ndarray]]) -> None:
+        _pack_rows(np.ascontiguousarray(job[0]), kind, row_len, job[1])
+
+    # Steps on threads (decode_rows and numpy's big operations release the GIL): a matrix's
+    # steps write disjoint tiles.
+    workers = min(len(jobs), _threads.get_num_threads())
+    if workers > 1:
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(pack, jobs))
+    else:
+        for job in jobs:
+            pack(job)
     n_rows = sum(raw.shape[0] for raw, _, _ in parts)
     wf = np.zeros((n_tiles, 0), np.float32)
     return PackedWeight(kind, n_rows, row_len, SPECS[kind].group, **arrays, wf=wf)
