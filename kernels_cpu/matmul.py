@@ -68,12 +68,15 @@ M=128 5.3 / 4.2 ms (5.3 / 4.4), M=512 20.4 / 16.6 ms (19.4 / 17.8).
 from __future__ import annotations
 
 import functools
+import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 from typing import NamedTuple
 
 import numpy as np
 from numba import njit, prange
+from numba.core.caching import FunctionCache
+from numba.core.dispatcher import Dispatcher
 
 from . import simd
 from . import threads as _threads  # threading layer set before any parallel kernel
@@ -290,7 +293,7 @@ def _pack_quant(parts: list[tuple[np.ndarray, int, int]]) -> PackedWeight:
             pack(job)
     n_rows = sum(raw.shape[0] for raw, _, _ in parts)
     wf = np.zeros((n_tiles, 0), np.float32)
-    return PackedWeight(kind, n_rows, row_len, SPECS[kind].group, **arrays, wf=wf)
+    return PackedWeight(kind, n_rows, row_len, SPECS[kind].group, *_planes(arrays), wf)
 
 
 def _float_rows(raw: np.ndarray, ggml_type: int, n_rows: int, row_len: int) -> np.ndarray:
@@ -300,6 +303,14 @@ def _float_rows(raw: np.ndarray, ggml_type: int, n_rows: int, row_len: int) -> n
         return raw.view(np.float16).reshape(n_rows, row_len).astype(np.float32)
     bits = raw.view(np.uint16).reshape(n_rows, row_len).astype(np.uint32) << 16
     return bits.view(np.float32)
+
+
+_Planes = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
+def _planes(a: dict[str, np.ndarray]) -> _Planes:
+    """PackedWeight's plane fields (lo, hi, d, dm, sub, mins) from a dict of them, in order."""
+    return a["lo"], a["hi"], a["d"], a["dm"], a["sub"], a["mins"]
 
 
 def _no_planes(n_tiles: int) -> dict[str, np.ndarray]:
@@ -316,7 +327,7 @@ def _pack_float(raw: np.ndarray, ggml_type: int, n_rows: int, row_len: int) -> P
         rows = w[t * TILE : (t + 1) * TILE]
         tiles[t, :row_len, : rows.shape[0]] = rows.T
     wf = tiles.reshape(n_tiles, kp * TILE)
-    return PackedWeight(ggml_type, n_rows, row_len, 0, **_no_planes(n_tiles), wf=wf)
+    return PackedWeight(ggml_type, n_rows, row_len, 0, *_planes(_no_planes(n_tiles)), wf)
 
 
 def _check_raw(raw: np.ndarray, ggml_type: int, row_len: int) -> tuple[int, int]:
@@ -617,6 +628,41 @@ def _aligned_f32(n):
     return _aligned_bytes(4 * n).view(np.float32)
 
 
+def _stable(value: object) -> object:
+    """A closure cell's value as something whose repr is the same in every process."""
+    if isinstance(value, Dispatcher):  # a compiled kernel: by its code and its own cells
+        f = value.py_func
+        cells = tuple(_stable(c.cell_contents) for c in f.__closure__ or ())
+        return ("kernel", f.__module__, f.__qualname__, f.__code__.co_code, cells)
+    if isinstance(value, np.ndarray):
+        return ("array", value.dtype.str, value.shape, value.tobytes())
+    if isinstance(value, tuple):
+        return tuple(_stable(v) for v in value)
+    if value is None or isinstance(value, (bool, int, float, str, bytes, np.generic)):
+        return value
+    raise TypeError(f"no stable cache key for a closure cell of type {type(value).__name__}")
+
+
+class _ClosureCache(FunctionCache):
+    """Numba's on-disk cache for the per-type kernels below. Numba keys a closure on a pickle
+    of its cells, and a compiled kernel in a cell pickles differently in every process, so
+    each process compiled every per-type kernel again (~30 s); this key hashes the cells'
+    stable form instead. As with any cached kernel, editing this file invalidates the entries
+    (Numba checks the source file's stamp)."""
+
+    def _index_key(self, sig: object, codegen: object) -> object:
+        f = self._py_func
+        cells = repr(tuple(_stable(c.cell_contents) for c in f.__closure__ or ()))
+        code = hashlib.sha256(f.__code__.co_code).hexdigest()
+        return (sig, codegen.magic_tuple(), (code, hashlib.sha256(cells.encode()).hexdigest()))  # type: ignore[attr-defined]
+
+
+def _per_type(kernel: Dispatcher) -> Dispatcher:
+    """Cache a per-type kernel (a closure) under _ClosureCache's stable key."""
+    kernel._cache = _ClosureCache(kernel.py_func)  # type: ignore[attr-defined]
+    return kernel
+
+
 @functools.cache
 def _kernels(kind: int, vnni: bool = False) -> SimpleNamespace:
     """The compiled kernels of one quantized type's compact tiles, with the host's dot-product
@@ -632,6 +678,7 @@ def _kernels(kind: int, vnni: bool = False) -> SimpleNamespace:
     per_block = lay.block // group  # groups per d
     table = _IQ4_U
 
+    @_per_type
     @njit(cache=True, inline="always")
     def quad(lo, hi, c, i, h):
         # u of quad-step i (0..7) of 32-column chunk c, lanes 16h..16h+15: 4 bytes a lane
@@ -651,6 +698,7 @@ def _kernels(kind: int, vnni: bool = False) -> SimpleNamespace:
             v = v | (((w >> (hi_bits * (i % hi_per))) & hi_mask) << lo_bits)
         return v
 
+    @_per_type
     @njit(cache=True, inline="always")
     def scales(d, dm, sb, mn, g, h):
         # (scale, min) of group g, lanes 16h..16h+15, the float32 values blocks.py computes
@@ -674,6 +722,7 @@ def _kernels(kind: int, vnni: bool = False) -> SimpleNamespace:
         low = simd.mul_exact(simd.load_f16(dm, top), simd.to_f32(mv)) if has_min else s
         return s, low
 
+    @_per_type
     @njit(cache=True)
     def dot1(lo, hi, d, dm, sb, mn, xq, xs, xsum, xcorr, m, o):
         # o[:TILE] = row m of the activations against one tile, its planes unpacked in
@@ -696,6 +745,7 @@ def _kernels(kind: int, vnni: bool = False) -> SimpleNamespace:
         simd.store_f32(o, 0, f0)
         simd.store_f32(o, 16, f1)
 
+    @_per_type
     @njit(cache=True)
     def dot4(lo, hi, d, dm, sb, mn, xq, xs, xsum, xcorr, m0, o):
         # o[i*TILE:(i+1)*TILE] = row m0+i against one tile, i < 4: _dot4_tile's operations,
@@ -732,6 +782,7 @@ def _kernels(kind: int, vnni: bool = False) -> SimpleNamespace:
         for r, v in enumerate((f00, f01, f10, f11, f20, f21, f30, f31)):
             simd.store_f32(o, 16 * r, v)
 
+    @_per_type
     @njit(cache=True)
     def unpack(lo, hi, d, dm, sb, mn, bq, bs, bm):
         # One tile into the byte-per-weight form: bq uint8 [K*TILE], bs/bm float32 [K/G*TILE]
@@ -748,11 +799,13 @@ def _kernels(kind: int, vnni: bool = False) -> SimpleNamespace:
                 if has_min:
                     simd.store_f32(bm, g * TILE + 16 * h, low)
 
+    @_per_type
     @njit(cache=True)
     def unpack_all(lo, hi, d, dm, sb, mn, qs, ws, wm):
         for t in range(qs.shape[0]):
             unpack(lo[t], hi[t], d[t], dm[t], sb[t], mn[t], qs[t], ws[t], wm[t])
 
+    @_per_type
     @njit(cache=True)
     def int_tiles(xq, xs, xsum, xcorr, m_rows, planes, n_rows, out, col0, t0, t1, unpack_rows):
         # Below unpack_rows rows: straight from the planes, 4 rows per pass. From there on:
@@ -781,6 +834,7 @@ def _kernels(kind: int, vnni: bool = False) -> SimpleNamespace:
                 for r in range(min(4, m_rows - m0)):
                     out[m0 + r, col0 + n0 : col0 + n0 + nr] = o[r * TILE : r * TILE + nr]
 
+    @_per_type
     @njit(cache=True)
     def int_serial(x, planes, qbias, n_rows, out, col0, unpack_rows):
         # Quantizing inside the compiled call saves a dispatch and the allocations' round trips.
@@ -789,6 +843,7 @@ def _kernels(kind: int, vnni: bool = False) -> SimpleNamespace:
         args = (xq, xs, xsum, xcorr, x.shape[0], planes, n_rows, out, col0)
         int_tiles(*args, 0, n_tiles, unpack_rows)
 
+    @_per_type
     @njit(cache=True, parallel=True)
     def int_parallel(x, planes, qbias, n_rows, out, col0, n_workers, unpack_rows):
         xq, xs, xsum, xcorr = _quantize(x, group, has_min, qbias, 4)  # before the threads
@@ -799,6 +854,7 @@ def _kernels(kind: int, vnni: bool = False) -> SimpleNamespace:
             args = (xq, xs, xsum, xcorr, x.shape[0], planes, n_rows, out, col0)
             int_tiles(*args, t0, t1, unpack_rows)
 
+    @_per_type
     @njit(cache=True)
     def float_tiles(xp, m_rows, planes, n_rows, out, col0, t0, t1):
         # xp float32 [M4, K] (rows padded to 4): each tile unpacked, dequantized, then the
@@ -815,6 +871,7 @@ def _kernels(kind: int, vnni: bool = False) -> SimpleNamespace:
             _dequant_tile(bq, bs, bm, group, bias, buf)
             _gemm4_rows(xp, m_rows, buf, n_rows, out, col0, t, o)
 
+    @_per_type
     @njit(cache=True, parallel=True)
     def float_parallel(xp, m_rows, planes, n_rows, out, col0, n_workers):
         n_tiles = planes[0].shape[0]
