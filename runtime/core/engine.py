@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
@@ -130,6 +130,15 @@ class Delta:
 
 
 _DONE = object()
+
+
+class _Submission(NamedTuple):
+    """A request on its way to the compute thread (the arguments of Engine._add)."""
+
+    ids: list[int]
+    params: SamplingParams
+    arrived: float
+    constraint: Constraint | None
 
 
 class _Channel:
@@ -430,7 +439,7 @@ class Engine:
         if constraint is None and params.constrained:
             constraint = self.compile_constraint(params)
         channel = _Channel(loop, request_id or f"req-{uuid.uuid4().hex}")
-        payload = (ids, params, arrived, constraint)
+        payload = _Submission(ids, params, arrived, constraint)
         with self._submit_lock:
             self._check_accepting()
             self._outstanding += 1
@@ -574,7 +583,7 @@ class Engine:
             except queue.Empty:
                 return
             if kind == "add" and channel is not None:
-                self._add_or_refuse(channel, *payload)
+                self._add_or_refuse(channel, payload)
             elif kind == "abort" and channel is not None:
                 if channel.seq is not None and not channel.finished:
                     self._finish(channel.seq, "abort")
@@ -586,18 +595,11 @@ class Engine:
             self._finish(seq, "abort")
         self._closed.set()
 
-    def _add_or_refuse(
-        self,
-        channel: _Channel,
-        ids: list[int],
-        params: SamplingParams,
-        arrived: float,
-        constraint: Constraint | None,
-    ) -> None:
+    def _add_or_refuse(self, channel: _Channel, request: _Submission) -> None:
         if channel.finished:
             return
         try:
-            self._add(channel, ids, params, arrived, constraint)
+            self._add(channel, *request)
         except Exception as exc:  # a bad request ends alone; the others go on
             self._release(channel)
             channel.end(self._final_delta("error", *_describe(exc)))
