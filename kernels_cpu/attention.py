@@ -229,78 +229,97 @@ def write_kv(
         _write_kv(k_cache, v_cache, k, v, slots)
 
 
-@njit(cache=True, fastmath=True)
-def _score(q, krow, kscale, quantized, scl):
-    # q . k for one key row, in float32; krow is float32, float16 bits, or int8 with scales.
-    # The q8_0 scales are widened into scl first so that one flat loop (d >> 5 picks a value's
-    # scale) vectorizes: a loop per 32-value block ran ~5x slower.
+@njit(cache=True, fastmath=True, inline="always")
+def _score_q8(q, krow, kscale, scl):
+    # q . k for one int8 key row with its float16 scales (bits). The scales are widened into
+    # scl first so that one flat loop (d >> 5 picks a value's scale) vectorizes: a loop per
+    # 32-value block ran ~5x slower.
     s = np.float32(0.0)
-    if quantized:
-        for g in range(kscale.size):
-            scl[g] = _widen(kscale[g])
-        for d in range(q.size):
-            s += q[d] * np.float32(krow[d]) * scl[d >> 5]
-    else:
-        for d in range(q.size):
-            s += q[d] * _widen(krow[d])
+    for g in range(kscale.size):
+        scl[g] = _widen(kscale[g])
+    for d in range(q.size):
+        s += q[d] * np.float32(krow[d]) * scl[d >> 5]
     return s
 
 
-@njit(cache=True, fastmath=True)
-def _accumulate(acc, p, vrow, vscale, quantized, scl):
-    # acc += p * v for one value row.
-    if quantized:
-        for g in range(vscale.size):
-            scl[g] = p * _widen(vscale[g])
-        for d in range(acc.size):
-            acc[d] += scl[d >> 5] * np.float32(vrow[d])
-    else:
-        for d in range(acc.size):
-            acc[d] += p * _widen(vrow[d])
-
-
-@njit(cache=True, fastmath=True)
-def _attend_one(q, caches, table, kvh, lo, hi, scale, work, scl, acc, out):
-    # out[:] = softmax(scale * q . K[lo:hi+1]) @ V[lo:hi+1] for one query head; keys by position.
-    # caches: (k, v, k_scale, v_scale, quantized); work: float32 [3, block_size] scratch
-    # (scores, exp mantissas, exp exponent bits); scl: float32 [head_dim // 32] q8_0 scales.
-    k_cache, v_cache, k_scale, v_scale, quantized = caches
-    block_size = k_cache.shape[1]
-    scores = work[0]
-    mant = work[1]
-    bits = work[2].view(np.int32)
-    pow2 = work[2]
-    m = np.float32(-np.inf)
-    total = np.float32(0.0)
-    acc[:] = 0.0
-    j = lo
-    while j <= hi:
-        blk = table[j // block_size]
-        off0 = j % block_size
-        n = min(block_size - off0, hi - j + 1)
-        best = np.float32(-np.inf)
-        for i in range(n):
-            kq = k_scale[blk, off0 + i, kvh] if quantized else k_scale[0, 0, 0]
-            scores[i] = _score(q, k_cache[blk, off0 + i, kvh], kq, quantized, scl) * scale
-            best = max(best, scores[i])
-        if best > m:  # rescale what was accumulated under the old maximum
-            alpha = np.float32(math.exp(m - best)) if m > -np.inf else np.float32(0.0)
-            total *= alpha
-            for d in range(acc.size):
-                acc[d] *= alpha
-            m = best
-        for i in range(n):
-            scores[i] -= m
-        _exp_parts(scores[:n], mant[:n], bits[:n])  # vectorized exp (ops.py)
-        for i in range(n):
-            p = mant[i] * pow2[i]
-            total += p
-            vq = v_scale[blk, off0 + i, kvh] if quantized else v_scale[0, 0, 0]
-            _accumulate(acc, p, v_cache[blk, off0 + i, kvh], vq, quantized, scl)
-        j += n
-    inv = np.float32(1.0) / total if total > 0 else np.float32(0.0)
+@njit(cache=True, fastmath=True, inline="always")
+def _accumulate_q8(acc, p, vrow, vscale, scl):
+    # acc += p * v for one int8 value row.
+    for g in range(vscale.size):
+        scl[g] = p * _widen(vscale[g])
     for d in range(acc.size):
-        out[d] = acc[d] * inv
+        acc[d] += scl[d >> 5] * np.float32(vrow[d])
+
+
+def _attend_one(q, caches, table, kvh, lo, hi, scale, work, scl, acc, out):  # type: ignore[no-untyped-def]
+    """out[:] = softmax(scale * q . K[lo:hi+1]) @ V[lo:hi+1] for one query head; keys by
+    position. caches: (k, v, k_scale, v_scale, quantized); work: float32 [3, block_size]
+    scratch (scores, exp mantissas, exp exponent bits); scl: float32 [head_dim // 32] q8_0
+    scales. Compiled per cache type (the overload below)."""
+    raise NotImplementedError  # only called from compiled code
+
+
+def _make_attend(quantized: bool) -> Any:
+    # One body, `quantized` a constant of each compiled copy: the float caches' loops stay the
+    # plain vectorized ones with no test of the type inside (a runtime flag there cost 2-3x).
+    def attend(q, caches, table, kvh, lo, hi, scale, work, scl, acc, out):  # type: ignore[no-untyped-def]
+        k_cache, v_cache, k_scale, v_scale = caches[0], caches[1], caches[2], caches[3]
+        block_size = k_cache.shape[1]
+        scores = work[0]
+        mant = work[1]
+        bits = work[2].view(np.int32)
+        pow2 = work[2]
+        m = np.float32(-np.inf)
+        total = np.float32(0.0)
+        acc[:] = 0.0
+        j = lo
+        while j <= hi:
+            blk = table[j // block_size]
+            off0 = j % block_size
+            n = min(block_size - off0, hi - j + 1)
+            best = np.float32(-np.inf)
+            for i in range(n):
+                krow = k_cache[blk, off0 + i, kvh]
+                if quantized:
+                    s = _score_q8(q, krow, k_scale[blk, off0 + i, kvh], scl)
+                else:
+                    s = np.float32(0.0)
+                    for d in range(q.size):
+                        s += q[d] * _widen(krow[d])
+                scores[i] = s * scale
+                best = max(best, scores[i])
+            if best > m:  # rescale what was accumulated under the old maximum
+                alpha = np.float32(math.exp(m - best)) if m > -np.inf else np.float32(0.0)
+                total *= alpha
+                for d in range(acc.size):
+                    acc[d] *= alpha
+                m = best
+            for i in range(n):
+                scores[i] -= m
+            _exp_parts(scores[:n], mant[:n], bits[:n])  # vectorized exp (ops.py)
+            for i in range(n):
+                p = mant[i] * pow2[i]
+                total += p
+                vrow = v_cache[blk, off0 + i, kvh]
+                if quantized:
+                    _accumulate_q8(acc, p, vrow, v_scale[blk, off0 + i, kvh], scl)
+                else:
+                    for d in range(acc.size):
+                        acc[d] += p * _widen(vrow[d])
+            j += n
+        inv = np.float32(1.0) / total if total > 0 else np.float32(0.0)
+        for d in range(acc.size):
+            out[d] = acc[d] * inv
+
+    return attend
+
+
+_ATTEND = {False: _make_attend(False), True: _make_attend(True)}
+
+
+@overload(_attend_one, jit_options={"fastmath": True})
+def _attend_one_impl(q, caches, table, kvh, lo, hi, scale, work, scl, acc, out):  # type: ignore[no-untyped-def]
+    return _ATTEND[caches.types[0].dtype == types.int8]
 
 
 @njit(cache=True, parallel=True)
