@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny_model import write_chat_model
 
 from llmapp.runtime.bench import (
     MB,
@@ -19,7 +20,6 @@ from llmapp.runtime.bench import (
     peer_run_argv,
 )
 from llmapp.runtime.execution.model_runner import ModelRunner, RunnerOptions
-from tests.tiny_model import write_chat_model
 
 
 @pytest.fixture(scope="module")

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny_model import write_chat_model
 
 from llmapp.runtime.core.batch import build_batch
 from llmapp.runtime.execution.model_runner import ModelRunner, RunnerOptions
 from llmapp.runtime.files.gguf_file import GGUFFile
-from tests.tiny_model import write_chat_model
 
 MB = 1 << 20
 
