@@ -137,6 +137,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from llmapp.runtime.execution.heap import return_large_allocations
+
+    return_large_allocations()  # before the imports and the model fill the heap
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
         code = int(args.handler(args) or 0)
