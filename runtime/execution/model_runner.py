@@ -29,6 +29,7 @@ from llmapp.runtime.execution.backend import (
     make_backend,
 )
 from llmapp.runtime.execution.config import ModelConfig
+from llmapp.runtime.execution.heap import settle_after_load
 from llmapp.runtime.execution.models import ARCHITECTURES, load_config
 from llmapp.runtime.execution.placement import NGpuLayers, OffloadInfo
 from llmapp.runtime.execution.weights import Weights, load_weights
@@ -83,6 +84,7 @@ class ModelRunner:
         self.kv_layers: list[Any] = [
             be.alloc_kv(*kv_dims, self.options.cache_type) for be in self.backends.layers
         ]
+        settle_after_load()
         self.load_seconds = time.perf_counter() - start
 
     def _place(self) -> LayerBackends:
