@@ -134,6 +134,15 @@ def write_store(home: Path, layers: dict[str, int], defaults: dict[str, Any] | N
     (home / "models.toml").write_text("\n".join(lines) + "\n")
 
 
+def offload_store(home: Path, monkeypatch: Any) -> Path:
+    """$LLMAPP_HOME with tiny:a (2 layers) pulled, and torch's CPU device standing in for a GPU
+    (the front ends' --n-gpu-layers tests)."""
+    monkeypatch.setenv("LLMAPP_HOME", str(home))
+    monkeypatch.setenv("LLMAPP_DEVICE", "cpu")
+    write_store(home, {"a": 2})
+    return home
+
+
 def script_next(token: int, position: int, n_vocab: int) -> int:
     """The scripted model's next token: a walk over the plain pieces, never a special one."""
     first = len(SPECIALS) + 256

@@ -8,17 +8,14 @@ from pathlib import Path
 import httpx
 import pytest
 from server_proc import start_server
-from tiny_model import write_store
+from tiny_model import offload_store
 
 pytest.importorskip("torch")
 
 
 @pytest.fixture
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("LLMAPP_HOME", str(tmp_path))
-    monkeypatch.setenv("LLMAPP_DEVICE", "cpu")
-    write_store(tmp_path, {"a": 2})
-    return tmp_path
+    return offload_store(tmp_path, monkeypatch)
 
 
 def test_serve_prints_the_split_and_ps_carries_it(home: Path) -> None:

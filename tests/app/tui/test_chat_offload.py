@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from tiny_model import write_store
+from tiny_model import offload_store
 
 from llmapp.app.cli import build_parser
 from llmapp.app.tui.app import status_text
@@ -18,10 +18,7 @@ pytest.importorskip("torch")
 
 @pytest.fixture
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("LLMAPP_HOME", str(tmp_path))
-    monkeypatch.setenv("LLMAPP_DEVICE", "cpu")
-    write_store(tmp_path, {"a": 2})
-    return tmp_path
+    return offload_store(tmp_path, monkeypatch)
 
 
 def test_chat_parses_the_offload_flags() -> None:
